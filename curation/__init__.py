@@ -1,0 +1,1 @@
+"""Dataset curation: embed, dedup, retrieve, balance, write MDS."""

@@ -1,0 +1,3 @@
+from dino_ctl.cli.main import main
+
+main()

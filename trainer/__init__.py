@@ -1,0 +1,1 @@
+"""DINOv2 trainer: models, losses, data, runtime."""

@@ -1,0 +1,1 @@
+"""Input pipeline: MDS contract, preparation, multi-crop augmentation, masking collate, resumable streaming."""
