@@ -15,7 +15,6 @@ if ((${#missing[@]})); then
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q --upgrade pip >/dev/null
 # constraints.txt pins every version (torch 2.14.1 / torchvision 0.29.1 come from the local wheel cache).
 .venv/bin/pip install -q -c constraints.txt -e ".[cpu,dev]"
 echo "set-up complete: activate with 'source .venv/bin/activate'"
