@@ -1,0 +1,72 @@
+"""A CPU-sized stand-in for the student/teacher ``nn.ModuleDict`` (backbone with ``blocks``, dino_head, ibot_head).
+
+Same structure as the real meta-architecture (so parallelize and checkpoint see what they see in training: a
+``blocks`` ModuleList, a position embedding, weight-normalised prototype layers, ``init_weights``), but tiny and
+independent of ``trainer.models``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x))))
+
+
+class ToyBackbone(nn.Module):
+    """[B, N, in_dim] tokens -> [B, dim] mean-pooled features."""
+
+    def __init__(self, *, in_dim: int = 6, dim: int = 16, depth: int = 3, num_tokens: int = 4) -> None:
+        super().__init__()
+        self.patch_embed = nn.Linear(in_dim, dim)
+        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, num_tokens, dim))
+        self.blocks = nn.ModuleList(ToyBlock(dim) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.LayerNorm)):
+                module.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x).mean(dim=1)
+
+
+class ToyHead(nn.Module):
+    """MLP -> L2-normalise -> weight-normalised prototypes (the DINOHead shape). No init_weights on purpose."""
+
+    def __init__(self, dim: int = 16, prototypes: int = 12) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 8))
+        self.last_layer = weight_norm(nn.Linear(8, prototypes, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(nn.functional.normalize(self.mlp(x), dim=-1))
+
+
+def toy_ssl_model(seed: int = 0, **backbone_kwargs: int) -> nn.ModuleDict:
+    """Deterministic (``seed``) toy student/teacher."""
+    torch.manual_seed(seed)
+    return nn.ModuleDict(
+        {"backbone": ToyBackbone(**backbone_kwargs), "dino_head": ToyHead(), "ibot_head": ToyHead()}
+    )
+
+
+def toy_loss(model: nn.ModuleDict, tokens: torch.Tensor) -> torch.Tensor:
+    """A scalar depending on every parameter (both heads)."""
+    features = model["backbone"](tokens)
+    return model["dino_head"](features).logsumexp(-1).mean() + model["ibot_head"](features).pow(2).mean()
