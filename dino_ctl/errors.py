@@ -1,0 +1,47 @@
+"""The control plane's error taxonomy.
+
+- :class:`SpecError`: a user mistake in an experiment spec (exit code 2). Names the field path, the bad value and
+  what is allowed, in the same shape as ``trainer.config.ConfigError`` so users read one style of message.
+- :class:`SpecErrors`: several :class:`SpecError` found in one pass (the CLI prints all of them).
+- :class:`KubeError`: the Kubernetes API refused or failed a call; ``permanent`` separates mistakes that retrying
+  cannot fix (403, 404, 422) from transient ones (timeouts, 409 conflicts, 5xx), as kopf does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["DinoCtlError", "KubeError", "SpecError", "SpecErrors"]
+
+
+class DinoCtlError(Exception):
+    """Base class of every error the control plane raises on purpose."""
+
+
+class SpecError(DinoCtlError, ValueError):
+    """One invalid field of an experiment spec: ``path``, the bad ``value`` and what is ``allowed``."""
+
+    def __init__(self, path: str, value: Any, allowed: str) -> None:
+        self.path, self.value, self.allowed = path, value, allowed
+        super().__init__(f"{path}: invalid value {value!r}; allowed: {allowed}")
+
+
+class SpecErrors(DinoCtlError, ValueError):
+    """Every :class:`SpecError` of one validation pass, in document order. ``errors[0]`` is the first."""
+
+    def __init__(self, errors: Sequence[SpecError]) -> None:
+        assert errors, "SpecErrors needs at least one error"
+        self.errors: tuple[SpecError, ...] = tuple(errors)
+        super().__init__("\n".join(str(error) for error in self.errors))
+
+
+class KubeError(DinoCtlError):
+    """A failed Kubernetes API call: the verb, the object, the HTTP status (0 when none) and the server's reason."""
+
+    def __init__(self, verb: str, target: str, status: int, reason: str) -> None:
+        self.verb, self.target, self.status, self.reason = verb, target, status, reason
+        # 403/404/422 are the caller's mistake (RBAC, missing CRD or object, invalid object); others may pass later.
+        self.permanent = status in (400, 401, 403, 404, 405, 422)
+        detail = f"HTTP {status}: {reason}" if status else reason
+        super().__init__(f"{verb} {target} failed ({detail})")

@@ -1,0 +1,161 @@
+"""The planner: one pure function from (spec, observed cluster state) to the actions that move the experiment on.
+
+Used by ``dino-ctl submit --wait`` / ``resume`` (client side) and by the in-cluster controller, so both make the same
+decisions. It is level-triggered and idempotent: calling it again on the same state returns the same actions, and
+executing an action twice does no harm (restart counts are keyed by the uid of the job they count).
+
+Rules, per stage, in the stage graph's order:
+
+- absent job, every dependency succeeded (and, when storage was read, every init/teacher source has a complete
+  checkpoint) -> ``SUBMIT``; the trainer resumes from the newest complete checkpoint in the stage's directory.
+- failed job -> classify (:attr:`StageObservation.end_reason`): eviction or preemption (exit 143) resubmit without
+  touching the failure budget (each has its own optional cap); a genuine failure is counted against
+  ``failureBudget.failure``. Within budget -> ``DELETE`` (recording the new counts), then ``SUBMIT`` on the next pass;
+  over budget -> ``FAIL_STAGE`` (the failed job is kept for inspection).
+- cancel requested -> ``DELETE`` every job, submit nothing.
+- every stage succeeded -> ``COMPLETE``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+from dino_ctl.observe import JobPhase, Observed, Reason, RestartCounts, StageObservation, observe
+from dino_ctl.spec import DinoExperiment, FailureBudget
+from dino_ctl.validation import stage_order
+
+__all__ = [
+    "Action",
+    "ActionKind",
+    "ExperimentPhase",
+    "JobPhase",
+    "Observed",
+    "Reason",
+    "RestartCounts",
+    "StageObservation",
+    "experiment_phase",
+    "observe",
+    "plan",
+    "stage_budget_left",
+]
+
+
+class ActionKind(StrEnum):
+    SUBMIT = "submit"
+    """Apply the stage's ConfigMap (carrying ``restarts``) and create its job with attempt ``attempt``."""
+    DELETE = "delete"
+    """Record ``restarts`` (and ``counted_job_uid``) on the stage ConfigMap, then delete the stage's job."""
+    FAIL_STAGE = "fail-stage"
+    """The stage is over its budget: report it failed; dependents never start."""
+    COMPLETE = "complete"
+    """Every stage succeeded."""
+
+
+class ExperimentPhase(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    CANCELLED = "Cancelled"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Action:
+    """One step for an executor (CLI or controller). Fields beyond ``kind`` are set where they apply."""
+
+    kind: ActionKind
+    stage: str | None = None
+    reason: str = ""
+    """``start``, ``retry``, ``cancel`` or a :class:`Reason` value (why a job is deleted or resubmitted)."""
+    restarts: RestartCounts | None = None
+    attempt: int = 0
+    counted_job_uid: str | None = None
+    message: str = ""
+
+
+def _cap(budget: FailureBudget, reason: Reason) -> int | None:
+    return {Reason.FAILURE: budget.failure, Reason.PREEMPTION: budget.preemption, Reason.EVICTION: budget.eviction}[
+        reason
+    ]
+
+
+def stage_budget_left(budget: FailureBudget, observation: StageObservation, reason: Reason) -> int | None:
+    """Resubmissions left for ``reason`` (None: unlimited)."""
+    cap = _cap(budget, reason)
+    return None if cap is None else max(cap - observation.restarts.get(reason), 0)
+
+
+def _failed_stage(spec: DinoExperiment, obs: StageObservation, *, retry_failed: bool) -> Action:
+    reason = obs.end_reason
+    already_counted = obs.job_uid is not None and obs.job_uid == obs.counted_job_uid
+    counts = obs.restarts if already_counted else obs.restarts.bump(reason)
+    cap = _cap(spec.spec.failure_budget, reason)
+    codes = ",".join(str(code) for code in sorted(set(obs.exit_codes))) or "none"
+    detail = f"{reason.value} (exit codes {codes}; evictions {','.join(obs.evictions) or 'none'})"
+    if cap is not None and counts.get(reason) > cap:
+        if retry_failed:
+            return Action(kind=ActionKind.DELETE, stage=obs.stage, reason="retry", counted_job_uid=obs.job_uid,
+                          restarts=replace(counts, **{reason.value: 0}),
+                          message=f"retrying after {detail}; {reason.value} count reset")
+        return Action(kind=ActionKind.FAIL_STAGE, stage=obs.stage, reason=reason.value, restarts=obs.restarts,
+                      message=f"{detail}: {reason.value} budget of {cap} spent")
+    return Action(kind=ActionKind.DELETE, stage=obs.stage, reason=reason.value, restarts=counts,
+                  counted_job_uid=obs.job_uid, message=f"{detail}; resubmitting from the latest checkpoint")
+
+
+def _blocked(spec: DinoExperiment, observed: Observed, stage_name: str) -> str | None:
+    """Why stage ``stage_name`` may not start yet (None: it may)."""
+    stage = spec.spec.stage(stage_name)
+    for dep in stage.dependencies():
+        if observed.stage(dep).phase != JobPhase.SUCCEEDED:
+            return f"waiting for stage {dep}"
+    sources = [ref.from_ for ref in (stage.init, stage.teacher) if ref is not None]
+    for source in sources:
+        if observed.checkpoints_read and observed.stage(source).latest_checkpoint is None:
+            return f"stage {source} succeeded without a complete checkpoint"
+    return None
+
+
+def plan(spec: DinoExperiment, observed: Observed, *, retry_failed: bool = False) -> list[Action]:
+    """The actions that move ``spec`` on from ``observed``: deletions first, then submissions, then completion.
+
+    ``retry_failed`` (``dino-ctl resume --retry-failed``) gives stages over their failure budget a fresh budget.
+    Pure: no I/O, no clock, no randomness.
+    """
+    stages = [observed.stage(name) for name in stage_order(spec)]
+    if observed.cancel_requested:
+        return [
+            Action(kind=ActionKind.DELETE, stage=obs.stage, reason="cancel", message="cancel requested")
+            for obs in stages
+            if obs.phase not in (JobPhase.ABSENT, JobPhase.DELETING)
+        ]
+    if all(obs.phase == JobPhase.SUCCEEDED for obs in stages):
+        return [Action(kind=ActionKind.COMPLETE, message=f"all {len(stages)} stages succeeded")]
+    deletes, submits, failures = [], [], []
+    for obs in stages:
+        if obs.phase == JobPhase.FAILED:
+            action = _failed_stage(spec, obs, retry_failed=retry_failed)
+            (failures if action.kind == ActionKind.FAIL_STAGE else deletes).append(action)
+        elif obs.phase == JobPhase.ABSENT:
+            if _blocked(spec, observed, obs.stage) is None:
+                # Every resubmission bumps one count, so the total numbers the attempts (pods carry it as a label).
+                attempt = obs.restarts.total
+                submits.append(Action(kind=ActionKind.SUBMIT, stage=obs.stage, restarts=obs.restarts, attempt=attempt,
+                                      reason="start" if obs.restarts.total == 0 else "resubmit"))
+    return [*deletes, *submits, *failures]
+
+
+def experiment_phase(spec: DinoExperiment, observed: Observed) -> ExperimentPhase:
+    """The experiment's phase as ``dino-ctl status`` and the controller's status report it."""
+    stages = [observed.stage(name) for name in stage_order(spec)]
+    active = [obs for obs in stages if obs.phase not in (JobPhase.ABSENT, JobPhase.SUCCEEDED, JobPhase.FAILED)]
+    if observed.cancel_requested:
+        return ExperimentPhase.CANCELLED
+    if all(obs.phase == JobPhase.SUCCEEDED for obs in stages):
+        return ExperimentPhase.SUCCEEDED
+    if any(a.kind == ActionKind.FAIL_STAGE for a in plan(spec, observed)) and not active:
+        return ExperimentPhase.FAILED
+    if any(obs.phase != JobPhase.ABSENT for obs in stages):
+        return ExperimentPhase.RUNNING
+    return ExperimentPhase.PENDING
