@@ -1,0 +1,269 @@
+"""Everything one training process holds: models, optimiser, loader, checkpoints, metrics, and stage initialisation.
+
+:func:`trainer.train.train` drives it; this class keeps the loop there short. Order of construction follows
+torchtitan: build single-device models, parallelise (activation checkpointing -> compile -> FSDP2), then the optimiser
+over the sharded parameters, then resume from the newest complete checkpoint (or initialise the stage).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+import yaml
+
+from trainer import layout
+from trainer.checkpoint import CheckpointManager, load_model_weights
+from trainer.config import ModelConfig, TrainConfig, config_from_dict, config_to_dict
+from trainer.data.loader import build_train_loader
+from trainer.distributed import local_rank
+from trainer.metrics import JsonlLogger, TrainMetrics
+from trainer.models import model_flops_per_image, save_backbone
+from trainer.parallelize import parallelize
+from trainer.rng import RNGState
+from trainer.ssl import NonFiniteLossError, SSLModels, TrainStep, build_models
+
+logger = logging.getLogger(__name__)
+
+# dense bf16 peak FLOP/s by device name fragment, for MFU (H100 SXM 989 TF, A100 312 TF, H200 = H100 compute)
+_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "A10": 125e12}
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in _PEAK_FLOPS.items() if key in name), None)
+
+
+def read_stage_config(directory: str) -> TrainConfig:
+    """The resolved config a stage wrote next to its checkpoints."""
+    import fsspec
+
+    with fsspec.open(layout.join(directory, layout.CONFIG_FILE), "r") as handle:
+        return config_from_dict(yaml.safe_load(handle))
+
+
+class Runtime:
+    """Models, step, loader, checkpointing and metrics of one rank."""
+
+    def __init__(self, config: TrainConfig, *, rank: int, world_size: int, device: torch.device) -> None:
+        self.config, self.rank, self.world_size, self.device = config, rank, world_size, device
+        torch.manual_seed(config.seed)  # identical init on every rank; per-rank streams are seeded after
+        teacher_model = self._teacher_model_config()
+        self.models = build_models(config, teacher_model=teacher_model)
+        self._parallelize()
+        per_rank = config.optim.global_batch_size // world_size
+        micro = config.optim.max_micro_batch_size or per_rank
+        num_micro = -(-per_rank // micro)
+        self.train_step = TrainStep(self.models, config, num_micro_batches=num_micro)
+        self.loader = build_train_loader(
+            config,
+            rank=rank,
+            world_size=world_size,
+            local_rank=local_rank(),
+            local_world_size=int(__import__("os").environ.get("LOCAL_WORLD_SIZE", "1")),
+            seed=config.seed,
+        )
+        self.rng = RNGState()
+        torch.manual_seed(config.seed + 1000 * rank + 1)  # drop-path subsets differ per rank
+        self.checkpoints = CheckpointManager(config.checkpoint, rank=rank, world_size=world_size)
+        self.metrics = TrainMetrics(config.metrics, enabled=local_rank() == 0 and config.metrics.port >= 0)
+        self.metrics.set_build_info(stage=config.stage.kind, recipe=config.recipe)
+        self.metrics.start_server()
+        log_file = config.metrics.log_file or layout.join(config.checkpoint.dir, "train_log.jsonl")
+        self.log_file = JsonlLogger(log_file) if rank == 0 else None
+        self.flops_per_image = model_flops_per_image(config.model, config.data.crops)
+        self.peak_flops = _peak_flops(device)
+        self._window_start, self._window_images, self._last_saved = time.perf_counter(), 0, -1
+        self._last_record: dict[str, float] = {}
+
+    # ---------------------------------------------------------------------------------------------- construction
+    def _teacher_model_config(self) -> ModelConfig | None:
+        stage = self.config.stage
+        if stage.kind != "distill":
+            return None
+        if stage.teacher_model is not None:
+            return stage.teacher_model
+        return read_stage_config(stage.teacher_from).model
+
+    def _parallelize(self) -> None:
+        cfg, models = self.config.parallel, self.models
+        models.student = parallelize(models.student, cfg, world_size=self.world_size, device=self.device)
+        models.teacher = parallelize(
+            models.teacher, cfg, world_size=self.world_size, device=self.device, is_teacher=True
+        )
+        if models.student_ema is not None:
+            models.student_ema = parallelize(
+                models.student_ema, cfg, world_size=self.world_size, device=self.device, is_teacher=True
+            )
+        models.centers.to(self.device)
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint holds (models, optimiser, centers, loader position, RNG)."""
+        state: dict[str, Any] = {
+            "student": self.models.student,
+            "teacher": self.models.teacher,
+            "centers": self.models.centers,
+            "optimizer": self.train_step.optimizer,
+            "loader": self.loader,
+            "rng": self.rng,
+        }
+        if self.models.student_ema is not None:
+            state["student_ema"] = self.models.student_ema
+        return state
+
+    # ------------------------------------------------------------------------------------------- resume / init
+    def write_resolved_config(self) -> None:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(self.config.checkpoint.dir)
+        fs.makedirs(root, exist_ok=True)
+        with fsspec.open(layout.join(self.config.checkpoint.dir, layout.CONFIG_FILE), "w") as handle:
+            yaml.safe_dump(config_to_dict(self.config), handle, sort_keys=False)
+
+    def resume_or_init(self) -> int:
+        """Resume from the newest complete checkpoint, else initialise the stage. Returns the start iteration."""
+        start = time.perf_counter()
+        iteration = self.checkpoints.load_latest(self.state())
+        if iteration is not None:
+            logger.info("resumed at iteration %d in %.2fs", iteration, time.perf_counter() - start)
+            self._last_saved = iteration
+            return iteration
+        stage = self.config.stage
+        if stage.kind == "highres":
+            source = layout.published_or_latest(stage.init_from)
+            if source is None:
+                raise FileNotFoundError(f"stage.init_from: no complete checkpoint in {stage.init_from}")
+            load_model_weights(source.path, {"student": self.models.student, "teacher": self.models.teacher})
+            logger.info("highres stage initialised from %s", source.path)
+        elif stage.kind == "distill":
+            source = layout.published_or_latest(stage.teacher_from)
+            if source is None:
+                raise FileNotFoundError(f"stage.teacher_from: no complete checkpoint in {stage.teacher_from}")
+            load_model_weights(source.path, {"teacher": self.models.teacher})
+            logger.info("distillation teacher loaded from %s", source.path)
+        return 0
+
+    # --------------------------------------------------------------------------------------------------- steps
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {
+            key: value.to(self.device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for key, value in batch.items()
+        }
+
+    def step(self, batch: dict[str, Any], iteration: int, *, data_wait: float) -> dict[str, float]:
+        start = time.perf_counter()
+        for module in (self.models.student,):
+            module.train()
+        try:
+            record = self.train_step(batch, iteration)
+        except NonFiniteLossError as exc:
+            self.metrics.observe_nonfinite()
+            if self.log_file:
+                self.log_file.write({"event": "nonfinite", "iteration": exc.iteration, "losses": exc.losses})
+            raise
+        step_seconds = time.perf_counter() - start
+        images = self.config.optim.global_batch_size
+        self._window_images += images
+        bad = int(batch.get("num_bad_samples", 0))
+        mfu = None
+        if self.peak_flops:
+            mfu = self.flops_per_image * images / step_seconds / (self.peak_flops * self.world_size)
+        gpu_mem = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        self.metrics.observe_step(
+            iteration + 1,
+            losses={k.split("/", 1)[1]: v for k, v in record.items() if k.startswith("loss/")},
+            lr=record["lr"],
+            wd=record["weight_decay"],
+            momentum=record["teacher_momentum"],
+            teacher_temp=record["teacher_temp"],
+            grad_norms={k.split("/", 1)[1]: v for k, v in record.items() if k.startswith("grad_norm/")},
+            step_seconds=step_seconds,
+            data_wait_seconds=data_wait,
+            images=images,
+            bad_samples=bad,
+            mfu=mfu,
+            gpu_mem=gpu_mem,
+        )
+        record.update(step_seconds=step_seconds, data_wait_seconds=data_wait, bad_samples=bad)
+        if mfu is not None:
+            record["mfu"] = mfu
+        self._last_record = record
+        return record
+
+    def log(self, iteration: int, record: dict[str, float]) -> None:
+        interval = self.config.metrics.log_interval
+        if iteration % interval and iteration != self.config.optim.iterations:
+            return
+        elapsed = time.perf_counter() - self._window_start
+        images_per_s = self._window_images / elapsed if elapsed > 0 else 0.0
+        self._window_start, self._window_images = time.perf_counter(), 0
+        if self.log_file:
+            self.log_file.write(
+                {
+                    "event": "step",
+                    "iteration": iteration,
+                    "iterations": self.config.optim.iterations,
+                    "images_per_second": images_per_s,
+                    "time": time.time(),
+                    **record,
+                }
+            )
+        logger.info(
+            "it %d/%d loss %.4f (dino_g %.4f dino_l %.4f ibot %.4f koleo %.4f) lr %.2e %.1f img/s",
+            iteration, self.config.optim.iterations, record.get("loss/total", float("nan")),
+            record.get("loss/dino_global", float("nan")), record.get("loss/dino_local", float("nan")),
+            record.get("loss/ibot", float("nan")), record.get("loss/koleo", float("nan")), record["lr"],
+            images_per_s,
+        )
+
+    # ------------------------------------------------------------------------------------------- checkpointing
+    def save(self, iteration: int, *, reason: str) -> None:
+        if iteration == self._last_saved:
+            return
+        start = time.perf_counter()
+        losses = {k: v for k, v in self._last_record.items() if k.startswith("loss/")}
+        self.checkpoints.save(iteration, self.state(), meta={"reason": reason, "losses": losses},
+                              blocking=reason != "interval")
+        duration = time.perf_counter() - start
+        self._last_saved = iteration
+        self.metrics.observe_checkpoint(iteration, duration)
+        if self.log_file:
+            self.log_file.write({"event": "checkpoint", "iteration": iteration, "reason": reason,
+                                 "seconds": duration, "time": time.time()})
+
+    def final_model(self) -> nn.Module:
+        """The model a stage hands on: the teacher backbone (EMA), or in distillation the student EMA."""
+        models: SSLModels = self.models
+        return (models.student_ema if models.distill else models.teacher)["backbone"]
+
+    def finish(self, iteration: int) -> None:
+        """Final checkpoint, released-layout export of the final backbone, and ``final.json``."""
+        self.save(iteration, reason="final")
+        self.checkpoints.wait()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(
+            self.final_model(), options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if self.rank == 0:
+            export_dir = layout.join(self.config.checkpoint.dir, "export")
+            save_backbone(full, layout.join(export_dir, "backbone.safetensors"), model_config=self.config.model)
+            summary = {"iteration": iteration, "export": export_dir, "losses": self._last_record}
+            import fsspec
+
+            with fsspec.open(layout.join(self.config.checkpoint.dir, "final.json"), "w") as handle:
+                json.dump(summary, handle, indent=2)
+            if self.log_file:
+                self.log_file.write({"event": "end", "iteration": iteration, "time": time.time()})
+
+    def close(self) -> None:
+        self.checkpoints.wait()
+        self.metrics.close()
+        if self.log_file:
+            self.log_file.close()
