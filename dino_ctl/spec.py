@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
+from pydantic.json_schema import WithJsonSchema
 
 from dino_ctl.errors import SpecError, SpecErrors
 
@@ -92,9 +93,22 @@ def _one_or_many(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
-DnsLabel = Annotated[str, AfterValidator(_dns_label)]
-Quantity = Annotated[str, BeforeValidator(_quantity)]
-StorageUri = Annotated[str, AfterValidator(_storage_uri)]
+# WithJsonSchema: the generated JSON Schema and CRD carry the same constraints the validators enforce.
+DnsLabel = Annotated[
+    str,
+    AfterValidator(_dns_label),
+    WithJsonSchema({"type": "string", "maxLength": 63, "pattern": _DNS_LABEL.pattern}),
+]
+Quantity = Annotated[
+    str,
+    BeforeValidator(_quantity),
+    WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True}),
+]
+StorageUri = Annotated[
+    str,
+    AfterValidator(_storage_uri),
+    WithJsonSchema({"type": "string", "pattern": f"^({'|'.join(STORAGE_SCHEMES)})://.+$"}),
+]
 
 
 class SpecModel(BaseModel):
@@ -280,7 +294,11 @@ class StageSpec(SpecModel):
     """A ``trainer.config.RECIPES`` name (short_vitl16, long_vitl14, highres518, distill_vits14, tiny, ...)."""
     overrides: dict[str, Any] = Field(default_factory=dict)
     """Dotted trainer-config keys, e.g. ``optim.iterations: 625000``."""
-    after: Annotated[list[DnsLabel], BeforeValidator(_one_or_many)] = Field(default_factory=list)
+    after: Annotated[
+        list[DnsLabel],
+        BeforeValidator(_one_or_many),
+        WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}),
+    ] = Field(default_factory=list)
     """Stages that must have succeeded before this one starts (a name or a list)."""
     init: StageRef | None = None
     """Initialise student and teacher from this stage's published checkpoint (high-resolution adaptation)."""
