@@ -42,6 +42,7 @@ __all__ = [
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
+    "model_config_from_dict",
     "parse_override",
     "resolve_config",
     "validate_config",
@@ -497,6 +498,11 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """Build a :class:`TrainConfig` from a nested dict; unknown keys and wrong types raise :class:`ConfigError`."""
     return _from_dict(TrainConfig, data)
+
+
+def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    """A :class:`ModelConfig` from a dict (an export's ``model.json``), checked like the full tree."""
+    return _coerce(data, ModelConfig, "model")
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
