@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils.parametrizations import weight_norm
 
 
 class ToyBlock(nn.Module):
@@ -18,8 +17,10 @@ class ToyBlock(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, 2 * dim)
         self.fc2 = nn.Linear(2 * dim, dim)
+        self.num_forward_calls = 0  # activation checkpointing shows up as a second call in backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.num_forward_calls += 1
         return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x))))
 
 
@@ -46,13 +47,32 @@ class ToyBackbone(nn.Module):
         return self.norm(x).mean(dim=1)
 
 
+class ToyWeightNormLinear(nn.Module):
+    """Bias-free linear layer with weight ``g * v / ||v||`` per row (the prototype layer's parametrisation)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1))
+        self.weight_v = nn.Parameter(torch.randn(out_dim, in_dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight_v)
+        nn.init.ones_(self.weight_g)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True))
+
+
 class ToyHead(nn.Module):
-    """MLP -> L2-normalise -> weight-normalised prototypes (the DINOHead shape). No init_weights on purpose."""
+    """MLP -> L2-normalise -> weight-normalised prototypes (the DINOHead shape).
+
+    No ``init_weights`` on purpose: materialisation falls back to each layer's ``reset_parameters``.
+    """
 
     def __init__(self, dim: int = 16, prototypes: int = 12) -> None:
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 8))
-        self.last_layer = weight_norm(nn.Linear(8, prototypes, bias=False))
+        self.last_layer = ToyWeightNormLinear(8, prototypes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.last_layer(nn.functional.normalize(self.mlp(x), dim=-1))
