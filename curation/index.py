@@ -1,0 +1,152 @@
+"""faiss in one place: exact or approximate inner-product k-NN, spherical k-means, guarded GPU use.
+
+All vectors are float32 and L2-normalised, so inner product = cosine similarity. Index choice by pool size
+(:class:`curation.config.IndexConfig`): exact ``IndexFlatIP`` for small pools, IVF-Flat for medium, IVF-PQ for
+paper-scale pools. GPU indexes have no ``range_search``: every caller does k-NN and thresholds afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import faiss
+import numpy as np
+
+from curation.config import IndexConfig
+from trainer.config import ConfigError
+
+__all__ = ["assign", "build_index", "choose_index_kind", "gpu_available", "kmeans", "knn_search"]
+
+logger = logging.getLogger(__name__)
+
+Advance = Callable[[int], None]
+"""Progress callback: called with the number of items just processed."""
+
+
+def gpu_available() -> bool:
+    """True when the installed faiss has GPU support and sees at least one GPU."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _use_gpu(mode: str, field: str) -> bool:
+    if mode == "on" and not gpu_available():
+        raise ConfigError(field, "on", "'auto' or 'off': this faiss build has no GPU support or sees no GPU")
+    return mode == "on" or (mode == "auto" and gpu_available())
+
+
+def choose_index_kind(num_vectors: int, config: IndexConfig) -> str:
+    """``flat``, ``ivf_flat`` or ``ivf_pq`` for a database of ``num_vectors`` (``config.kind`` unless auto)."""
+    if config.kind != "auto":
+        return config.kind
+    if num_vectors <= config.flat_max_size:
+        return "flat"
+    return "ivf_pq" if num_vectors >= config.ivf_pq_min_size else "ivf_flat"
+
+
+def _nlist(num_vectors: int, config: IndexConfig) -> int:
+    # faiss guideline: 4*sqrt(n) lists; faiss warns below 39 training points per list, so cap there.
+    nlist = config.nlist or int(4 * math.sqrt(num_vectors))
+    return max(1, min(nlist, num_vectors // 39))
+
+
+def build_index(
+    database: np.ndarray, *, config: IndexConfig, field: str = "index", seed: int = 0, kind: str | None = None
+) -> faiss.Index:
+    """An inner-product index over ``database`` (trained if approximate), on the GPU(s) when enabled."""
+    database = np.ascontiguousarray(database, dtype=np.float32)
+    num, dim = database.shape
+    kind = kind or choose_index_kind(num, config)
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    else:
+        nlist = _nlist(num, config)
+        quantizer = faiss.IndexFlatIP(dim)
+        if kind == "ivf_flat":
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        else:
+            if dim % config.pq_bytes:
+                raise ConfigError(f"{field}.pq_bytes", config.pq_bytes, f"a divisor of the embedding dimension {dim}")
+            index = faiss.IndexIVFPQ(quantizer, dim, nlist, config.pq_bytes, 8, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        index.nprobe = min(config.nprobe, nlist)
+        index.train(_training_sample(database, 256 * nlist, seed))
+    if _use_gpu(config.gpu, f"{field}.gpu"):
+        index = _to_gpus(index)
+    index.add(database)
+    logger.debug("built %s index over %d x %d", kind, num, dim)
+    return index
+
+
+def _training_sample(x: np.ndarray, max_points: int, seed: int) -> np.ndarray:
+    if len(x) <= max_points:
+        return x
+    rows = np.sort(np.random.default_rng(seed).choice(len(x), max_points, replace=False))
+    return x[rows]
+
+
+def _to_gpus(index: faiss.Index) -> faiss.Index:
+    # Shard the database across GPUs (each holds 1/G of the vectors, queries fan out), fp16 storage for flat/IVF.
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = True
+    options.useFloat16 = True
+    return faiss.index_cpu_to_all_gpus(index, co=options)
+
+
+def knn_search(
+    index: faiss.Index, queries: np.ndarray, k: int, *, batch_size: int = 16_384, advance: Advance | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(similarities [nq, k] float32, ids [nq, k] int64)``; missing neighbours have id -1 and similarity -inf."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    k = min(k, index.ntotal)
+    sims = np.empty((len(queries), k), np.float32)
+    ids = np.empty((len(queries), k), np.int64)
+    for start in range(0, len(queries), batch_size):
+        stop = min(start + batch_size, len(queries))
+        sims[start:stop], ids[start:stop] = index.search(queries[start:stop], k)
+        if advance is not None:
+            advance(stop - start)
+    sims[ids < 0] = -np.inf
+    return sims, ids
+
+
+def kmeans(
+    x: np.ndarray,
+    num_clusters: int,
+    *,
+    iterations: int,
+    seed: int,
+    init: np.ndarray | None = None,
+    gpu: str = "auto",
+    field: str = "kmeans",
+) -> np.ndarray:
+    """Spherical k-means centroids ``[num_clusters, D]`` (unit norm) of ``x``; ``init`` warm-starts it."""
+    if num_clusters > len(x):
+        raise ConfigError(f"{field}", num_clusters, f"at most the number of points to cluster ({len(x)})")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    km = faiss.Kmeans(
+        x.shape[1],
+        num_clusters,
+        niter=iterations,
+        seed=seed,
+        spherical=True,
+        gpu=_use_gpu(gpu, f"{field}.gpu"),
+        # faiss subsamples to 256 points per centroid by default; keep that bound (it is the speed knob).
+        max_points_per_centroid=256,
+        verbose=False,
+    )
+    km.train(x, init_centroids=None if init is None else np.ascontiguousarray(init, np.float32))
+    return km.centroids
+
+
+def assign(
+    x: np.ndarray, centroids: np.ndarray, *, gpu: str = "auto", batch_size: int = 65_536
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid (max inner product) of every row: ``(labels int64 [n], similarities float32 [n])``."""
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    if _use_gpu(gpu, "index.gpu"):
+        index = _to_gpus(index)
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    sims, labels = knn_search(index, x, 1, batch_size=batch_size)
+    return labels[:, 0], sims[:, 0]

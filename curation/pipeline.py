@@ -1,0 +1,160 @@
+"""The step runner: embed -> dedup -> retrieve -> balance -> write, each resumable.
+
+A step is skipped when its done marker holds the hash of its current configuration and inputs (the upstream steps'
+hashes, the sources' fingerprints, the seed); otherwise it runs and commits. The sharded steps (embed, write) commit
+each shard on its own, so N workers, N pods of a Kubernetes indexed Job or a rerun after a crash only compute the
+shards that are missing; whoever completes the last shard commits the step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from curation.config import STEP_NAMES, CurationSpec
+from curation.progress import Reporter
+from curation.storage import hash_json, read_marker
+from trainer.config import ConfigError
+
+__all__ = ["Context", "StepResult", "run_pipeline", "resolve_shard", "step_directory"]
+
+logger = logging.getLogger(__name__)
+
+FailureHook = Callable[[str], None]
+"""Called with a checkpoint name (e.g. ``write:part-00001``) at points where a crash must be survivable; tests
+raise from it to simulate one."""
+
+SHARDED_STEPS = ("embed", "write")
+_DIRECTORIES = {"embed": "embed", "dedup": "dedup", "retrieve": "retrieve", "balance": "balance", "write": "dataset"}
+
+
+def step_directory(root: str | Path, step: str) -> Path:
+    """Where a step's output and done marker live (``write`` produces the MDS dataset in ``dataset/``)."""
+    return Path(root) / _DIRECTORIES[step]
+
+
+@dataclass(kw_only=True)
+class Context:
+    """What a step needs: the spec, the output root, progress, the crash hook and this worker's shard."""
+
+    spec: CurationSpec
+    reporter: Reporter = field(default_factory=Reporter)
+    failure_hook: FailureHook | None = None
+    shard_index: int | None = None
+    """Only this shard of the sharded steps (None: all shards, one after the other)."""
+    hashes: dict[str, str] = field(default_factory=dict)
+    """Hash of every step whose inputs are known (filled in step order)."""
+
+    @property
+    def root(self) -> Path:
+        return Path(self.spec.output)
+
+    def checkpoint(self, name: str) -> None:
+        """A point where the process may die; the hook lets tests make it die there."""
+        if self.failure_hook is not None:
+            self.failure_hook(name)
+
+    def shards(self, num_shards: int, field_name: str) -> range:
+        """The shard numbers this worker computes."""
+        if self.shard_index is None:
+            return range(num_shards)
+        if self.shard_index >= num_shards:
+            raise ConfigError("--shard-index", self.shard_index, f"0 <= index < {field_name} ({num_shards})")
+        return range(self.shard_index, self.shard_index + 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepResult:
+    """Outcome of one step in this invocation."""
+
+    name: str
+    status: str
+    """``done`` (ran and committed), ``reused`` (committed earlier with the same hash) or ``partial`` (this worker's
+    shards are committed, others are missing)."""
+    summary: dict[str, Any]
+    seconds: float
+
+
+def resolve_shard(shard_index: int | None, *, env: dict[str, str] | None = None) -> int | None:
+    """``shard_index``, else ``JOB_COMPLETION_INDEX`` (set by Kubernetes in indexed Jobs), else None."""
+    if shard_index is not None:
+        return shard_index
+    value = (env if env is not None else os.environ).get("JOB_COMPLETION_INDEX")
+    if value is None or value == "":
+        return None
+    if not value.isdigit():
+        raise ConfigError("JOB_COMPLETION_INDEX", value, "a non-negative integer")
+    return int(value)
+
+
+def _select_steps(steps: Sequence[str] | None, shard_index: int | None) -> list[str]:
+    chosen = list(STEP_NAMES) if not steps else list(steps)
+    for name in chosen:
+        if name not in STEP_NAMES:
+            raise ConfigError("--steps", name, "one of " + ", ".join(STEP_NAMES))
+    if shard_index is not None and any(name not in SHARDED_STEPS for name in chosen):
+        raise ConfigError("--steps", ",".join(chosen), "only embed or write with --shard-index (the others run once)")
+    return [name for name in STEP_NAMES if name in chosen]
+
+
+def step_hash(context: Context, name: str) -> str:
+    """The hash a step's marker must hold: its config, the seed and its inputs' hashes."""
+    from curation import steps
+
+    return hash_json({"step": name, "seed": context.spec.seed, "inputs": steps.STEP_INPUTS[name](context)})
+
+
+def run_pipeline(
+    spec: CurationSpec,
+    *,
+    steps: Sequence[str] | None = None,
+    shard_index: int | None = None,
+    reporter: Reporter | None = None,
+    failure_hook: FailureHook | None = None,
+) -> list[StepResult]:
+    """Run the named steps (default: all) in pipeline order, reusing committed ones; returns one result per step.
+
+    A step whose upstream step is not committed raises RuntimeError naming the missing step.
+    """
+    from curation import steps as step_impls
+
+    context = Context(
+        spec=spec, reporter=reporter or Reporter(), failure_hook=failure_hook, shard_index=shard_index
+    )
+    context.root.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in _select_steps(steps, shard_index):
+        _require_upstream(context, name)
+        start = time.perf_counter()
+        config_hash = step_hash(context, name)
+        context.hashes[name] = config_hash
+        marker = read_marker(step_directory(context.root, name), config_hash=config_hash)
+        if marker is not None:
+            status, summary = "reused", marker["summary"]
+        else:
+            status, summary = step_impls.STEP_RUNNERS[name](context, config_hash)
+        seconds = time.perf_counter() - start
+        context.reporter.step_done(name, summary=summary, reused=status == "reused", seconds=seconds)
+        results.append(StepResult(name=name, status=status, summary=summary, seconds=seconds))
+        if status == "partial":
+            break  # later steps need every shard
+    return results
+
+
+def _require_upstream(context: Context, name: str) -> None:
+    """Make sure every earlier step is committed with its current hash (hashes chain through the pipeline)."""
+    for upstream in STEP_NAMES[: STEP_NAMES.index(name)]:
+        if upstream in context.hashes:
+            continue
+        config_hash = step_hash(context, upstream)
+        if read_marker(step_directory(context.root, upstream), config_hash=config_hash) is None:
+            raise RuntimeError(
+                f"step {name!r} needs step {upstream!r} to be complete with the current spec; run it first "
+                f"(dino-ctl curate SPEC --steps {upstream})"
+            )
+        context.hashes[upstream] = config_hash
