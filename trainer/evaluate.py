@@ -143,3 +143,55 @@ def linear_probe_top1(
     with torch.no_grad():
         top1 = float((head(test).argmax(1) == test_labels).float().mean())
     return top1, {"lr": lr, "weight_decay": wd, "val_top1": best[0]}
+
+
+def labelled_batches(
+    path: str, *, image_size: int, batch_size: int = 256, limit: int | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Resize + centre-crop + normalise a labelled MDS dataset or image folder into in-memory batches."""
+    from torch.utils.data import DataLoader, Subset
+
+    from trainer.data.eval_data import build_eval_dataset
+
+    dataset = build_eval_dataset(path, image_size=image_size)
+    if limit is not None and limit < len(dataset):
+        dataset = Subset(dataset, range(limit))  # the first `limit` samples: deterministic across runs and models
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    return [(images, labels) for images, labels, *_ in loader]
+
+
+def evaluate_backbone(
+    backbone: nn.Module,
+    *,
+    train: list[tuple[torch.Tensor, torch.Tensor]],
+    test: list[tuple[torch.Tensor, torch.Tensor]],
+    protocols: tuple[str, ...] = ("knn",),
+    random_backbone: nn.Module | None = None,
+    raw_pixels: bool = True,
+    device: torch.device = torch.device("cpu"),
+    k: int = 20,
+) -> dict[str, dict[str, float]]:
+    """Top-1 per protocol for the trained backbone and, in the same run, the random-init and raw-pixel baselines."""
+    candidates: dict[str, tuple[Features, Features]] = {
+        "trained": (extract_features(backbone, train, device=device), extract_features(backbone, test, device=device))
+    }
+    if random_backbone is not None:
+        candidates["random_init"] = (
+            extract_features(random_backbone, train, device=device),
+            extract_features(random_backbone, test, device=device),
+        )
+    if raw_pixels:
+        candidates["raw_pixels"] = (pixel_features(train), pixel_features(test))
+    report: dict[str, dict[str, float]] = {}
+    for protocol in protocols:
+        report[protocol] = {}
+        for name, (fit, held_out) in candidates.items():
+            if protocol == "knn":
+                top1 = knn_top1(fit.cls, fit.labels, held_out.cls, held_out.labels, k=k)
+            elif protocol == "linear":
+                top1, _ = linear_probe_top1(fit.linear_input(), fit.labels, held_out.linear_input(), held_out.labels)
+            else:
+                raise ValueError(f"protocol: invalid value {protocol!r}; allowed: knn, linear")
+            report[protocol][name] = top1
+            logger.info("%s top-1 of %s: %.4f", protocol, name, top1)
+    return report

@@ -7,22 +7,26 @@ over the sharded parameters, then resume from the newest complete checkpoint (or
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import time
 from typing import Any
 
+import fsspec
 import torch
 import torch.nn as nn
 import yaml
 
 from trainer import layout
+from trainer.artifacts import export_backbone
 from trainer.checkpoint import CheckpointManager, load_model_weights
 from trainer.config import ModelConfig, TrainConfig, config_from_dict, config_to_dict
 from trainer.data.loader import build_train_loader
 from trainer.distributed import local_rank
 from trainer.metrics import JsonlLogger, TrainMetrics
-from trainer.models import model_flops_per_image, save_backbone
+from trainer.models import model_flops_per_image
 from trainer.parallelize import parallelize
 from trainer.rng import RNGState
 from trainer.ssl import NonFiniteLossError, SSLModels, TrainStep, build_models
@@ -42,8 +46,6 @@ def _peak_flops(device: torch.device) -> float | None:
 
 def read_stage_config(directory: str) -> TrainConfig:
     """The resolved config a stage wrote next to its checkpoints."""
-    import fsspec
-
     with fsspec.open(layout.join(directory, layout.CONFIG_FILE), "r") as handle:
         return config_from_dict(yaml.safe_load(handle))
 
@@ -66,7 +68,7 @@ class Runtime:
             rank=rank,
             world_size=world_size,
             local_rank=local_rank(),
-            local_world_size=int(__import__("os").environ.get("LOCAL_WORLD_SIZE", "1")),
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
             seed=config.seed,
         )
         self.rng = RNGState()
@@ -119,8 +121,6 @@ class Runtime:
 
     # ------------------------------------------------------------------------------------------- resume / init
     def write_resolved_config(self) -> None:
-        import fsspec
-
         fs, root = fsspec.core.url_to_fs(self.config.checkpoint.dir)
         fs.makedirs(root, exist_ok=True)
         with fsspec.open(layout.join(self.config.checkpoint.dir, layout.CONFIG_FILE), "w") as handle:
@@ -246,17 +246,16 @@ class Runtime:
         """Final checkpoint, released-layout export of the final backbone, and ``final.json``."""
         self.save(iteration, reason="final")
         self.checkpoints.wait()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(
-            self.final_model(), options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
+        export_dir = layout.join(self.config.checkpoint.dir, "export")
+        model_config = self.config.model
+        model_config = dataclasses.replace(model_config, drop_path_rate=0.0)  # an inference model
+        export_backbone(self.final_model(), model_config, export_dir, write=self.rank == 0)
         if self.rank == 0:
-            export_dir = layout.join(self.config.checkpoint.dir, "export")
-            save_backbone(full, layout.join(export_dir, "backbone.safetensors"), model_config=self.config.model)
-            summary = {"iteration": iteration, "export": export_dir, "losses": self._last_record}
-            import fsspec
-
+            summary = {
+                "iteration": iteration,
+                "export": export_dir,
+                "losses": {k: v for k, v in self._last_record.items() if k.startswith("loss/")},
+            }
             with fsspec.open(layout.join(self.config.checkpoint.dir, "final.json"), "w") as handle:
                 json.dump(summary, handle, indent=2)
             if self.log_file:
