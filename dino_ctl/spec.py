@@ -156,8 +156,12 @@ class StorageCredentials(SpecModel):
     secret_name: DnsLabel
     """Secret holding the credentials."""
     mount: Literal["env", "file"] = "env"
-    """``env``: every key of the Secret becomes an env var (e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).
-    ``file``: the Secret is mounted read-only and GOOGLE_APPLICATION_CREDENTIALS points at ``key``."""
+    """``env``: the Secret's ``envKeys`` become env vars of the same names (S3 and compatible stores).
+    ``file``: the Secret is mounted read-only and GOOGLE_APPLICATION_CREDENTIALS points at ``key`` (GCS)."""
+    env_keys: list[str] = Field(
+        default_factory=lambda: ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"], min_length=1
+    )
+    """Keys of the Secret exported as env vars when ``mount: env``."""
     key: str = "credentials.json"
     """Key of the credentials file when ``mount: file``."""
 

@@ -1,0 +1,209 @@
+"""Pieces every backend's renderer shares: metadata, the trainer container, volumes, and the stage ConfigMap.
+
+Everything here is pure (spec in, plain dicts out). Backends differ only in how they wrap the pod: PyTorchJob takes a
+full pod template, TrainJob splits it between the runtime, ``trainer`` and the version's pod-override field, and
+TorchX builds its own pod which :mod:`dino_ctl.render.torchx` completes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import yaml
+from trainer.config import TrainConfig, config_to_dict
+
+from dino_ctl.naming import (
+    ANNOTATION_RESTARTS,
+    LABEL_COMPONENT,
+    child_name,
+    experiment_labels,
+    stage_labels,
+)
+from dino_ctl.observe import LABEL_ATTEMPT, RestartCounts
+from dino_ctl.spec import DinoExperiment
+from dino_ctl.stages import pvc_claims, pvc_mount_path
+
+__all__ = [
+    "CONFIG_DIR",
+    "CONFIG_FILE",
+    "CONFIG_PATH",
+    "CREDENTIALS_DIR",
+    "KUEUE_PRIORITY_LABEL",
+    "KUEUE_QUEUE_LABEL",
+    "TRAINER_COMMAND",
+    "config_map_name",
+    "container_resources",
+    "job_metadata",
+    "pod_labels",
+    "pod_spec_extras",
+    "render_experiment_record",
+    "render_stage_config_map",
+    "termination_grace_seconds",
+    "trainer_env",
+    "trainer_volume_mounts",
+    "trainer_volumes",
+]
+
+CONFIG_DIR = "/etc/dino-ctl"
+CONFIG_FILE = "config.yaml"
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
+CREDENTIALS_DIR = "/var/run/secrets/dino-ctl/storage"
+# torchrun reads its arguments from the PET_* variables the operators inject (nnodes, nproc, rendezvous), so the
+# command names only the module. trainer.train exits 143 after a SIGTERM checkpoint.
+TRAINER_COMMAND = ("torchrun", "-m", "trainer.train", "--config", CONFIG_PATH)
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+# Time after SIGTERM beyond the trainer's own checkpoint budget: finishing the step and process teardown.
+_GRACE_MARGIN_SECONDS = 60
+
+
+def config_map_name(experiment: DinoExperiment, stage: str) -> str:
+    """Name of the ConfigMap holding stage ``stage``'s resolved trainer config (and its restart counts)."""
+    return child_name(experiment.name, stage, "config", max_length=63)
+
+
+def termination_grace_seconds(config: TrainConfig) -> int:
+    """Pod grace period: longer than the trainer's preemption grace so the SIGTERM checkpoint can finish."""
+    return math.ceil(config.checkpoint.preemption_grace_seconds) + _GRACE_MARGIN_SECONDS
+
+
+def pod_labels(experiment: DinoExperiment, stage: str, attempt: int) -> dict[str, str]:
+    """Labels of a stage's pods: stage labels plus the attempt, so pods of an older submission are told apart."""
+    labels = stage_labels(experiment.name, stage, extra=experiment.metadata.labels)
+    return {**labels, LABEL_COMPONENT: "trainer", LABEL_ATTEMPT: str(attempt)}
+
+
+def job_metadata(experiment: DinoExperiment, stage: str, attempt: int) -> dict[str, Any]:
+    """Metadata of a stage's job: name, namespace, labels (with the Kueue queue when set)."""
+    labels = {**pod_labels(experiment, stage, attempt)}
+    queue = experiment.spec.queue
+    if queue is not None:
+        labels[KUEUE_QUEUE_LABEL] = queue.name
+        if queue.priority_class:
+            labels[KUEUE_PRIORITY_LABEL] = queue.priority_class
+    return {"name": child_name(experiment.name, stage), "namespace": experiment.namespace, "labels": labels}
+
+
+def trainer_env(experiment: DinoExperiment, stage: str) -> list[dict[str, Any]]:
+    """Env of the trainer container: torchrun settings, storage endpoint/credentials (Secret refs), user env."""
+    spec = experiment.spec
+    env: list[dict[str, Any]] = [
+        # Restarted workers otherwise reuse the agent's TCP store and get stale peer addresses (environment.md).
+        {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "DINO_CTL_EXPERIMENT", "value": experiment.name},
+        {"name": "DINO_CTL_STAGE", "value": stage},
+    ]
+    storage = spec.storage
+    if storage.endpoint_url:
+        env += [{"name": name, "value": storage.endpoint_url} for name in ("AWS_ENDPOINT_URL", "S3_ENDPOINT_URL")]
+    credentials = storage.credentials
+    if credentials is not None and credentials.mount == "env":
+        env += [
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": credentials.secret_name, "key": key}}}
+            for key in credentials.env_keys
+        ]
+    elif credentials is not None:
+        path = f"{CREDENTIALS_DIR}/{credentials.key}"
+        env.append({"name": "GOOGLE_APPLICATION_CREDENTIALS", "value": path})
+    for var in spec.env:
+        if var.secret_key_ref is not None:
+            ref = {"name": var.secret_key_ref.name, "key": var.secret_key_ref.key}
+            env.append({"name": var.name, "valueFrom": {"secretKeyRef": ref}})
+        else:
+            env.append({"name": var.name, "value": var.value})
+    return env
+
+
+def trainer_volumes(experiment: DinoExperiment, stage: str) -> list[dict[str, Any]]:
+    """Pod volumes: the stage config, a memory-backed /dev/shm, PVCs of pvc:// storage, the credentials Secret."""
+    spec = experiment.spec
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": config_map_name(experiment, stage)}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shm_size}},
+    ]
+    volumes += [{"name": f"pvc-{claim}"[:63], "persistentVolumeClaim": {"claimName": claim}} for claim in pvc_claims(experiment)]
+    credentials = spec.storage.credentials
+    if credentials is not None and credentials.mount == "file":
+        volumes.append({"name": "storage-credentials", "secret": {"secretName": credentials.secret_name}})
+    return volumes
+
+
+def trainer_volume_mounts(experiment: DinoExperiment) -> list[dict[str, Any]]:
+    """Mounts matching :func:`trainer_volumes` (PVCs at :func:`dino_ctl.stages.pvc_mount_path`)."""
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    mounts += [{"name": f"pvc-{claim}"[:63], "mountPath": pvc_mount_path(claim)} for claim in pvc_claims(experiment)]
+    credentials = experiment.spec.storage.credentials
+    if credentials is not None and credentials.mount == "file":
+        mounts.append({"name": "storage-credentials", "mountPath": CREDENTIALS_DIR, "readOnly": True})
+    return mounts
+
+
+def container_resources(experiment: DinoExperiment) -> dict[str, Any]:
+    """Requests/limits of one node's trainer container: whole GPUs as limits, cpu/memory as given."""
+    resources = experiment.spec.resources
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    for name, value in (("cpu", resources.cpu), ("memory", resources.memory)):
+        if value is not None:
+            requests[name] = limits[name] = value
+    if resources.gpus_per_node:
+        limits[resources.gpu_resource] = str(resources.gpus_per_node)
+    return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
+
+
+def pod_spec_extras(experiment: DinoExperiment, config: TrainConfig) -> dict[str, Any]:
+    """Pod-level fields every backend sets: placement, identity and the grace period."""
+    spec = experiment.spec
+    extras: dict[str, Any] = {"terminationGracePeriodSeconds": termination_grace_seconds(config)}
+    if spec.resources.node_selector:
+        extras["nodeSelector"] = dict(spec.resources.node_selector)
+    if spec.resources.tolerations:
+        extras["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.resources.tolerations]
+    if spec.service_account_name:
+        extras["serviceAccountName"] = spec.service_account_name
+    if spec.image_pull_secrets:
+        extras["imagePullSecrets"] = [{"name": name} for name in spec.image_pull_secrets]
+    return extras
+
+
+def render_stage_config_map(
+    experiment: DinoExperiment,
+    stage: str,
+    config: TrainConfig,
+    *,
+    restarts: RestartCounts | None = None,
+) -> dict[str, Any]:
+    """The stage's ConfigMap: ``config.yaml`` = the resolved trainer config; restart counts as an annotation."""
+    labels = {**stage_labels(experiment.name, stage, extra=experiment.metadata.labels), LABEL_COMPONENT: "stage-config"}
+    text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": config_map_name(experiment, stage),
+            "namespace": experiment.namespace,
+            "labels": labels,
+            "annotations": {ANNOTATION_RESTARTS: (restarts or RestartCounts()).to_json()},
+        },
+        "data": {CONFIG_FILE: text},
+    }
+
+
+def render_experiment_record(experiment: DinoExperiment) -> dict[str, Any]:
+    """The experiment's record for CLI submissions: the spec itself, so any machine can ``status``/``resume``."""
+    labels = {**experiment_labels(experiment.name, extra=experiment.metadata.labels), LABEL_COMPONENT: "experiment"}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": child_name(experiment.name, "experiment", max_length=63),
+            "namespace": experiment.namespace,
+            "labels": labels,
+        },
+        "data": {"spec.yaml": yaml.safe_dump(experiment.to_document(), sort_keys=False)},
+    }
