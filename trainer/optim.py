@@ -157,7 +157,8 @@ def clip_grad_norms(
     for name, module in modules.items():
         params = [p for p in module.parameters() if p.grad is not None]
         if not params:
-            norms[name] = torch.zeros((), device=next(module.parameters(), torch.zeros(())).device)
+            first = next(module.parameters(), None)
+            norms[name] = torch.zeros((), device=first.device if first is not None else "cpu")
             continue
         total = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
         if isinstance(total, DTensor):
