@@ -68,10 +68,10 @@ class TokenLayout:
         return tuple((start, b, n) for start, b, n in merged)
 
     def split(self, tokens: torch.Tensor) -> list[torch.Tensor]:
-        """Views ``[B_i, N_i, D]`` of a flat ``[T, D]`` tensor, one per group (no copy)."""
+        """Views ``[B_i, N_i, ...]`` of a flat ``[T, ...]`` tensor, one per group (no copy)."""
         assert tokens.shape[0] == self.num_tokens, f"{tokens.shape[0]} rows for a layout of {self.num_tokens}"
         return [
-            tokens[start : start + b * n].view(b, n, tokens.shape[-1])
+            tokens[start : start + b * n].view(b, n, *tokens.shape[1:])
             for start, b, n in zip(self.offsets, self.batch_sizes, self.seq_lens)
         ]
 

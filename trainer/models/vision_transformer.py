@@ -89,7 +89,8 @@ def validate_model_config(config: ModelConfig) -> None:
         if not ok:
             raise ConfigError(f"model.{name}", value, allowed)
     if config.img_size <= 0 or config.img_size % config.patch_size:
-        raise ConfigError("model.img_size", config.img_size, f"a positive multiple of model.patch_size ({config.patch_size})")
+        allowed = f"a positive multiple of model.patch_size ({config.patch_size})"
+        raise ConfigError("model.img_size", config.img_size, allowed)
 
 
 class DinoVisionTransformer(nn.Module):
@@ -115,7 +116,8 @@ class DinoVisionTransformer(nn.Module):
         # Registration order = state_dict order of the releases: tokens first, then patch_embed, blocks, norm.
         self.cls_token = nn.Parameter(torch.empty(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.empty(1, 1 + grid * grid, dim))
-        self.register_tokens = nn.Parameter(torch.empty(1, config.num_register_tokens, dim)) if config.num_register_tokens else None
+        num_registers = config.num_register_tokens
+        self.register_tokens = nn.Parameter(torch.empty(1, num_registers, dim)) if num_registers else None
         self.mask_token = nn.Parameter(torch.empty(1, dim))
         self.patch_embed = PatchEmbed(patch_size=config.patch_size, embed_dim=dim)
         self.blocks = nn.ModuleList(
@@ -250,7 +252,8 @@ class DinoVisionTransformer(nn.Module):
         """
         indices = range(self.n_blocks - n, self.n_blocks) if isinstance(n, int) else list(n)
         if not indices or not all(0 <= i < self.n_blocks for i in indices):
-            raise ValueError(f"n={n!r}: choose between 1 and {self.n_blocks} blocks, or indices in [0, {self.n_blocks})")
+            allowed = f"between 1 and {self.n_blocks} blocks, or block indices in [0, {self.n_blocks})"
+            raise ValueError(f"n={n!r}: choose {allowed}")
         batch, _, height, width = x.shape
         tokens = self.prepare_tokens(x)
         layout = TokenLayout.single(batch, tokens.shape[1])
