@@ -73,11 +73,9 @@ def kmeans_with_resampling(
         if len(subset) < num_clusters:
             logger.info("resampling stopped at round %d: %d points for %d clusters", round_index, len(subset), num_clusters)
             break
-        # Warm start from the current centroids: a few iterations move them, a full fit would forget them.
-        centroids = kmeans(
-            subset, num_clusters, iterations=max(1, iterations // 4), seed=seed + round_index + 1, init=centroids,
-            gpu=gpu, field=field,
-        )
+        # A fresh fit, not a warm start: the subset is made of cluster cores, so every current centroid already
+        # sits at its core's mean (a fixed point); a new fit places centroids by the subset's flatter density.
+        centroids = kmeans(subset, num_clusters, iterations=iterations, seed=seed + round_index + 1, gpu=gpu, field=field)
     labels, sims = assign(points, centroids, gpu=gpu)
     return centroids, labels, sims
 

@@ -1,7 +1,16 @@
-"""Placeholder until its owner lands it."""
+"""``dino-ctl curate SPEC.yaml``: dataset curation (embed, dedup, retrieve, balance, write MDS).
+
+The command lives in :mod:`curation.cli` (torch-free at import) so ``python -m curation`` runs the same code in the
+Kubernetes Jobs that :func:`curation.kube.render_curation_jobs` renders.
+"""
+
+from __future__ import annotations
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
-    del app
+    """Add ``curate`` to the ``dino-ctl`` application."""
+    from curation.cli import register as register_curate
+
+    register_curate(app)
