@@ -43,7 +43,7 @@ __all__ = [
 
 class ActionKind(StrEnum):
     SUBMIT = "submit"
-    """Apply the stage's ConfigMap (carrying ``restarts``) and create its job with attempt ``attempt``."""
+    """Apply the stage's ConfigMap (carrying ``restarts`` and ``counted_job_uid``), then create its job."""
     DELETE = "delete"
     """Record ``restarts`` (and ``counted_job_uid``) on the stage ConfigMap, then delete the stage's job."""
     FAIL_STAGE = "fail-stage"
@@ -142,6 +142,7 @@ def plan(spec: DinoExperiment, observed: Observed, *, retry_failed: bool = False
                 # Every resubmission bumps one count, so the total numbers the attempts (pods carry it as a label).
                 attempt = obs.restarts.total
                 submits.append(Action(kind=ActionKind.SUBMIT, stage=obs.stage, restarts=obs.restarts, attempt=attempt,
+                                      counted_job_uid=obs.counted_job_uid,
                                       reason="start" if obs.restarts.total == 0 else "resubmit"))
     return [*deletes, *submits, *failures]
 

@@ -56,10 +56,11 @@ def render_stage(
     backend: str | None = None,
     attempt: int = 0,
     restarts: RestartCounts | None = None,
+    counted_job_uid: str | None = None,
 ) -> list[dict[str, Any]]:
     """``[ConfigMap, job]`` of one stage: what a submission of the stage applies, in that order."""
     config = stage_train_config(experiment, stage)
-    config_map = render_stage_config_map(experiment, stage, config, restarts=restarts)
+    config_map = render_stage_config_map(experiment, stage, config, restarts=restarts, counted_job_uid=counted_job_uid)
     return [config_map, render_job(experiment, stage, backend=backend, attempt=attempt)]
 
 

@@ -20,7 +20,7 @@ from dino_ctl.naming import (
     experiment_labels,
     stage_labels,
 )
-from dino_ctl.observe import LABEL_ATTEMPT, RestartCounts
+from dino_ctl.observe import ANNOTATION_COUNTED_JOB, LABEL_ATTEMPT, RestartCounts
 from dino_ctl.spec import DinoExperiment
 from dino_ctl.stages import pvc_claims, pvc_mount_path
 
@@ -39,6 +39,7 @@ __all__ = [
     "pod_spec_extras",
     "render_experiment_record",
     "render_stage_config_map",
+    "state_annotations",
     "termination_grace_seconds",
     "trainer_env",
     "trainer_volume_mounts",
@@ -177,8 +178,9 @@ def render_stage_config_map(
     config: TrainConfig,
     *,
     restarts: RestartCounts | None = None,
+    counted_job_uid: str | None = None,
 ) -> dict[str, Any]:
-    """The stage's ConfigMap: ``config.yaml`` = the resolved trainer config; restart counts as an annotation."""
+    """The stage's ConfigMap: ``config.yaml`` = the resolved trainer config; restart counts as annotations."""
     labels = {**stage_labels(experiment.name, stage, extra=experiment.metadata.labels), LABEL_COMPONENT: "stage-config"}
     text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
     return {
@@ -188,10 +190,18 @@ def render_stage_config_map(
             "name": config_map_name(experiment, stage),
             "namespace": experiment.namespace,
             "labels": labels,
-            "annotations": {ANNOTATION_RESTARTS: (restarts or RestartCounts()).to_json()},
+            "annotations": state_annotations(restarts or RestartCounts(), counted_job_uid),
         },
         "data": {CONFIG_FILE: text},
     }
+
+
+def state_annotations(restarts: RestartCounts, counted_job_uid: str | None = None) -> dict[str, str]:
+    """The planner's per-stage state: restart counts and the uid of the last job they counted."""
+    annotations = {ANNOTATION_RESTARTS: restarts.to_json()}
+    if counted_job_uid:
+        annotations[ANNOTATION_COUNTED_JOB] = counted_job_uid
+    return annotations
 
 
 def render_experiment_record(experiment: DinoExperiment) -> dict[str, Any]:
