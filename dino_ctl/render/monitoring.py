@@ -173,10 +173,8 @@ def _training_alerts(thresholds: AlertThresholds, experiment: str | None) -> lis
 def _controller_alerts(thresholds: AlertThresholds, experiment: str | None) -> list[dict[str, Any]]:
     window = thresholds.restart_window_minutes
     restarts = _selector("dino_ctl_stage_restarts_total", experiment)
-    storm = (
-        f"sum by (experiment, stage, reason) (increase({restarts}[{window}m])) > {thresholds.max_restarts}"
-    )
-    return [
+    storm = f"sum by (experiment, stage, reason) (increase({restarts}[{window}m])) > {thresholds.max_restarts}"
+    alerts = [
         _alert(
             "DinoStageRestartStorm",
             storm,
@@ -186,7 +184,12 @@ def _controller_alerts(thresholds: AlertThresholds, experiment: str | None) -> l
             + f"in {window}m (reason {{{{ $labels.reason }}}})",
             description="Reason 'preemption' or 'eviction' points at capacity (queue priority, spot reclaim, node "
             "loss); 'failure' at the job itself. See `kubectl describe dinoexperiment` events.",
-        ),
+        )
+    ]
+    if experiment is not None:  # the controller's health is not one experiment's: only in the cluster-wide rules
+        return alerts
+    return [
+        *alerts,
         _alert(
             "DinoControllerReconcileErrors",
             "sum by (kind) (increase(dino_ctl_reconcile_errors_total[15m])) > 0",
@@ -216,7 +219,9 @@ def alert_rule_groups(
 
     Args:
         thresholds: when the alerts fire; defaults to :class:`AlertThresholds`'s defaults.
-        experiment: restrict every alert to this experiment's series; ``None`` covers all experiments.
+        experiment: restrict every alert to this experiment's series (and leave out the controller's own
+            reconcile-error alert); ``None`` covers all experiments. Where an experiment's rules and the cluster-wide
+            ones both fire, the alerts carry identical labels and Alertmanager merges them into one.
     """
     thresholds = thresholds or AlertThresholds()
     return [

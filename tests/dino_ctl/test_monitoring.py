@@ -77,18 +77,16 @@ def test_prometheus_rule_scoped_to_an_experiment(validator: ObjectValidator) -> 
     validator.validate(rule)
     assert rule["spec"]["groups"] == alert_rule_groups(thresholds, experiment="demo")
     rules = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
-    assert set(rules) == {
-        "DinoTrainingStalled", "DinoLossNotFinite", "DinoCheckpointStale", "DinoStageRestartStorm",
-        "DinoControllerReconcileErrors",
-    }
+    assert set(rules) == {"DinoTrainingStalled", "DinoLossNotFinite", "DinoCheckpointStale", "DinoStageRestartStorm"}
     assert "(increase(dino_train_iterations_total{experiment=\"demo\"}[20m])) == 0" in rules["DinoTrainingStalled"]["expr"]
     assert rules["DinoCheckpointStale"]["expr"].endswith("> 1800")
     assert rules["DinoStageRestartStorm"]["expr"].endswith("> 5")
-    # Every experiment-level alert is scoped; the controller's own errors are not per experiment.
     for name, alert in rules.items():
-        selected = referenced_metric_names(alert["expr"])
-        assert selected <= known_metric_names(), name
-        assert ('experiment="demo"' in alert["expr"]) == (name != "DinoControllerReconcileErrors"), name
+        assert referenced_metric_names(alert["expr"]) <= known_metric_names(), name
+        assert 'experiment="demo"' in alert["expr"], name
+    cluster_wide = [r["alert"] for group in alert_rule_groups() for r in group["rules"]]
+    assert cluster_wide == [*rules, "DinoControllerReconcileErrors"]
+    assert all("experiment=" not in r["expr"] for group in alert_rule_groups() for r in group["rules"])
 
 
 def test_experiment_monitoring_objects(validator: ObjectValidator) -> None:
