@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -121,9 +120,15 @@ class MDSSource:
         begin, end = np.frombuffer(data, np.uint32, count=2, offset=(1 + local) * 4)
         return data[begin:end]
 
-    def read(self, row: int) -> ImageRecord:
+    def sample(self, row: int) -> dict[str, Any]:
+        """Every column of one row, decoded."""
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} is outside the {len(self)} samples of {self.root}")
         shard = int(np.searchsorted(self._starts, row, side="right") - 1)
-        sample = self._readers[shard].decode_sample(self._raw_sample(shard, row - int(self._starts[shard])))
+        return self._readers[shard].decode_sample(self._raw_sample(shard, row - int(self._starts[shard])))
+
+    def read(self, row: int) -> ImageRecord:
+        sample = self.sample(row)
         return ImageRecord(id=str(sample["id"]), image=sample["image"], label=int(sample.get("label", -1)))
 
 
@@ -153,9 +158,3 @@ def source_fingerprint(config: SourceConfig) -> str:
         return source.fingerprint()
     assert isinstance(source, _FileSource)
     return hash_json(source.stats())
-
-
-def iter_rows(source: ImageSource, rows: range) -> Iterator[tuple[int, ImageRecord]]:
-    """``(row, record)`` for each row of a range."""
-    for row in rows:
-        yield row, source.read(row)

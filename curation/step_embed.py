@@ -61,15 +61,15 @@ def _embed_shard(context: Context, embedder: Embedder, source: SourceConfig, sha
             ids.extend(batch.ids)
             arrays.append(batch.embeddings)
         advance(len(batch.rows) + batch.num_bad)
-    if not arrays:
-        raise RuntimeError(f"source {source.name!r} shard {shard}: none of its {len(rows)} images could be decoded")
+    if not arrays and len(rows):
+        logger.warning("source %s shard %d: none of its %d images could be decoded", source.name, shard, len(rows))
     dtype = np.dtype(context.spec.embed.dtype)
     save_embeddings(
         _stem(context, source, shard).parent,
         source=source.name,
         ids=ids,
-        indices=np.concatenate(kept),
-        embeddings=np.concatenate(arrays).astype(dtype),
+        indices=np.concatenate(kept) if kept else np.zeros(0, np.int64),
+        embeddings=np.concatenate(arrays).astype(dtype) if arrays else np.zeros((0, 0), dtype),
         name=shard_name(shard, context.spec.embed.num_shards),
         extra={"hash": part_hash, "num_bad": num_bad, "num_rows": len(rows)},
     )

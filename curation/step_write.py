@@ -120,6 +120,7 @@ def run_write(context: Context, config_hash: str) -> tuple[str, dict[str, Any]]:
     for stale in [*dataset.glob("part-*"), *dataset.glob(".part-*.tmp-*")]:
         if stale not in parts:
             shutil.rmtree(stale)  # partitions of an earlier, larger num_shards, or left by a crashed writer
+    (dataset / "index.json").unlink(missing_ok=True)  # merge_index refuses to overwrite an earlier merge
     merge_index([str(p / "index.json") for p in parts], str(dataset))
     summary = {"samples": len(sel.rows), "partitions": config.num_shards}
     atomic_write_json(context.root / MANIFEST_NAME, _manifest(context, summary))

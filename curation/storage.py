@@ -181,11 +181,13 @@ def load_embeddings(stems: Sequence[str | Path]) -> EmbeddingShard:
         if len(array) != len(meta["ids"]):
             raise ValueError(f"{stem}: {len(array)} embeddings but {len(meta['ids'])} ids")
         source = meta["source"]
+        if not len(array):
+            continue  # an empty shard (fewer rows than shards, or nothing decodable) has no dimension
         ids.extend(meta["ids"])
         indices.append(np.asarray(meta["indices"], dtype=np.int64))
         arrays.append(array)
     if not arrays:
-        raise ValueError("no embedding shards to load")
+        raise ValueError(f"no embeddings in shards {[str(s) for s in stems]}")
     embeddings = np.concatenate(arrays).astype(np.float32, copy=False)
     return EmbeddingShard(
         source=source, ids=ids, indices=np.concatenate(indices), embeddings=l2_normalize(embeddings)
