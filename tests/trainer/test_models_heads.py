@@ -1,14 +1,12 @@
-"""DINOHead: structure, weight-normalised prototypes (against torch's parametrization) and FSDP2 sharding."""
+"""DINOHead: structure, init and weight-normalised prototypes (against torch's parametrization).
+
+FSDP2 sharding of the head is tested in test_models_fsdp.py.
+"""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import weight_norm
@@ -65,32 +63,3 @@ def test_weight_norm_matches_torch_parametrization_and_trains_the_norm() -> None
     with torch.no_grad():  # only v's direction matters
         head.last_layer.weight_v.mul_(3.0)
     torch.testing.assert_close(head(x), out.detach(), rtol=1e-5, atol=1e-6)
-
-
-def _fsdp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
-    from torch.distributed.fsdp import fully_shard
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        torch.manual_seed(0)
-        head = DINOHead(8, 6, 12, 4)  # 6 prototypes: rows split 3 + 3 over the two ranks
-        reference = DINOHead(8, 6, 12, 4)
-        reference.load_state_dict(head.state_dict())
-        fully_shard(head)
-        assert type(head.last_layer.weight_g).__name__ == "DTensor"
-        x = torch.randn(5, 8, generator=torch.Generator().manual_seed(rank))  # each rank its own batch
-        head(x).square().sum().backward()
-        grads = {name: p.grad.full_tensor() for name, p in head.named_parameters()}
-        xs = [torch.randn(5, 8, generator=torch.Generator().manual_seed(r)) for r in range(world_size)]
-        reference(torch.cat(xs)).square().sum().backward()  # FSDP averages gradients over ranks
-        for name, param in reference.named_parameters():
-            torch.testing.assert_close(grads[name], param.grad / world_size, rtol=1e-5, atol=1e-6, msg=name)
-        Path(out_dir, f"ok{rank}").write_text("ok")
-    finally:
-        dist.destroy_process_group()
-
-
-def test_fully_shard_gives_the_unsharded_gradients(tmp_path: Path) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    assert sorted(p.name for p in tmp_path.glob("ok*")) == ["ok0", "ok1"]

@@ -8,7 +8,9 @@ both branches, one final LayerNorm shared by all outputs.
 Every forward is a packed forward (:mod:`trainer.models.packing`): ``forward_features_list`` runs crops of several
 sizes through the blocks as one token tensor with block-diagonal attention, and the single-batch methods are the
 one-group case of it. The model holds no device or distributed logic: build it on the meta device, shard it, then
-``to_empty()`` + :meth:`DinoVisionTransformer.init_weights`, as torchtitan does.
+``to_empty()`` + :meth:`DinoVisionTransformer.init_weights`, as torchtitan does. Under FSDP2 the root's hooks wrap
+only ``forward``: register the other entry points with ``register_fsdp_forward_method(backbone, name)`` for
+``forward_features``, ``forward_features_list`` and ``get_intermediate_layers``.
 """
 
 from __future__ import annotations
@@ -203,6 +205,13 @@ class DinoVisionTransformer(nn.Module):
         masks = [None] * len(xs) if masks is None else list(masks)
         if len(masks) != len(xs):
             raise ValueError(f"{len(xs)} crop batches but {len(masks)} masks; pass one mask (or None) per batch")
+        return self._packed_forward(list(xs), masks)
+
+    def _packed_forward(
+        self, xs: list[torch.Tensor], masks: list[torch.Tensor | None]
+    ) -> list[dict[str, torch.Tensor | None]]:
+        # Every public forward method calls this rather than another public method, so that when FSDP2 hooks them
+        # (register_fsdp_forward_method) no hooked method runs inside another.
         groups = [self.prepare_tokens(x, m) for x, m in zip(xs, masks)]
         layout = TokenLayout(tuple(g.shape[0] for g in groups), tuple(g.shape[1] for g in groups))
         tokens = torch.cat([g.flatten(0, 1) for g in groups]) if len(groups) > 1 else groups[0].flatten(0, 1)
@@ -231,11 +240,11 @@ class DinoVisionTransformer(nn.Module):
     ) -> dict[str, torch.Tensor | None]:
         """Features of one batch ``[B, 3, H, W]``: normalised CLS ``[B, D]``, registers ``[B, R, D]``, patches
         ``[B, N, D]``, the pre-norm tokens ``x_prenorm [B, 1+R+N, D]`` and the ``masks`` passed in."""
-        return self.forward_features_list([x], [masks])[0]
+        return self._packed_forward([x], [masks])[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised CLS token ``[B, D]`` (the embedding used for k-NN / linear evaluation)."""
-        return self.forward_features(x)["x_norm_clstoken"]
+        return self._packed_forward([x], [None])[0]["x_norm_clstoken"]
 
     def get_intermediate_layers(
         self,
