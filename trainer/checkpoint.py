@@ -5,7 +5,8 @@ hold, and where each kind goes:
 
 - ``nn.Module``: its model state dict (``get_model_state_dict``: DTensor shards under FSDP2) in the DCP files, keyed
   ``<key>.<parameter name>``; resharded on load, so a checkpoint loads at any world size.
-- :class:`OptimizerState` ``(model, optimizer)``: the optimiser state keyed by parameter name
+- ``torch.optim.Optimizer`` (paired with the module of ``state`` that holds its parameters) or an explicit
+  :class:`OptimizerState` ``(model, optimizer)``: the optimiser state keyed by parameter name
   (``get_optimizer_state_dict``), in the DCP files; resharded like the model.
 - anything else (an object with ``state_dict()``/``load_state_dict()``, or a plain dict loaded in place): per-rank,
   non-tensor state in ``extra-rank%05d.json`` (data-loader position, RNG, counters). It must be JSON-serialisable
@@ -64,7 +65,11 @@ logger = logging.getLogger(__name__)
 
 # Keys of COMPLETE.json written by the manager; user ``meta`` may not reuse them.
 _RESERVED_META = ("iteration", "world_size", "time", "save_seconds")
-_NO_DIST_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
+# DCP warns on every save/load without a process group (also from async saves' threads, where a scoped
+# catch_warnings is not thread-safe); one process is a supported mode here, so the warning is noise.
+warnings.filterwarnings(
+    "ignore", message="torch.distributed is disabled, unavailable or uninitialized", module="torch.distributed"
+)
 
 
 class OptimizerState(Stateful):
@@ -91,8 +96,21 @@ class _ModelState(Stateful):
         set_model_state_dict(self.module, state_dict)
 
 
+def _owner(optimizer: torch.optim.Optimizer, modules: Mapping[str, nn.Module], key: str) -> nn.Module:
+    """The module of ``state`` that holds every parameter ``optimizer`` updates (its state is keyed by their names)."""
+    wanted = {id(param) for group in optimizer.param_groups for param in group["params"]}
+    for module in modules.values():
+        if wanted <= {id(param) for param in module.parameters()}:
+            return module
+    raise TypeError(
+        f"state[{key!r}]: no nn.Module in the state holds all of this optimizer's parameters; add that module to "
+        "the state or pass OptimizerState(model, optimizer)"
+    )
+
+
 def _split_state(state: Mapping[str, Any]) -> tuple[dict[str, Stateful], dict[str, Any]]:
     """(sharded DCP entries, per-rank extras) of a ``state`` dict; see the module docstring."""
+    modules = {key: value for key, value in state.items() if isinstance(value, nn.Module)}
     sharded: dict[str, Stateful] = {}
     extras: dict[str, Any] = {}
     for key, value in state.items():
@@ -101,13 +119,13 @@ def _split_state(state: Mapping[str, Any]) -> tuple[dict[str, Stateful], dict[st
         elif isinstance(value, OptimizerState):
             sharded[key] = value
         elif isinstance(value, torch.optim.Optimizer):
-            raise TypeError(f"state[{key!r}]: a bare optimizer; wrap it as OptimizerState(model, optimizer)")
+            sharded[key] = OptimizerState(_owner(value, modules, key), value)
         elif isinstance(value, dict) or (hasattr(value, "state_dict") and hasattr(value, "load_state_dict")):
             extras[key] = value
         else:
             raise TypeError(
-                f"state[{key!r}]: unsupported type {type(value).__name__}; allowed: nn.Module, OptimizerState, "
-                "a dict, or an object with state_dict()/load_state_dict()"
+                f"state[{key!r}]: unsupported type {type(value).__name__}; allowed: nn.Module, torch.optim.Optimizer, "
+                "OptimizerState, a dict, or an object with state_dict()/load_state_dict()"
             )
     return sharded, extras
 
@@ -205,14 +223,15 @@ class CheckpointManager:
     # ---------------------------------------------------------------- save
 
     def save(
-        self, iteration: int, state: Mapping[str, Any], *, meta: Mapping[str, Any], blocking: bool | None = None
+        self, iteration: int, state: Mapping[str, Any], *, meta: Mapping[str, Any], blocking: bool = True
     ) -> float:
         """Write ``state`` as checkpoint ``iteration`` and publish it; returns the seconds this call blocked.
 
-        ``meta`` (JSON-serialisable, e.g. losses) goes into COMPLETE.json. ``blocking=None`` follows
-        ``config.async_save``; ``True`` forces a synchronous save (preemption). An async save stages the tensors
-        to host memory, returns, and uploads + publishes in the background; the next collective call, or
-        :meth:`wait`, waits for it. A complete checkpoint of the same iteration is kept, not rewritten.
+        ``meta`` (JSON-serialisable, e.g. losses) goes into COMPLETE.json. The save is asynchronous only when
+        ``blocking=False`` and ``config.async_save``: the tensors are staged to host memory, the call returns, and
+        the upload and publication finish in the background; the next collective call, or :meth:`wait`, waits for
+        them. Keep ``blocking=True`` for the final and the preemption checkpoint. A complete checkpoint of the same
+        iteration is kept, not rewritten.
         """
         clash = sorted(set(meta) & set(_RESERVED_META))
         if clash:
@@ -226,10 +245,8 @@ class CheckpointManager:
             return time.monotonic() - started
         self._write_extras(path, extras)
         tensors = {key: value.state_dict() for key, value in sharded.items()}
-        if blocking if blocking is not None else not self.config.async_save:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
-                dcp.save(tensors, storage_writer=_storage(path, reader=False), process_group=self._group)
+        if blocking or not self.config.async_save:
+            dcp.save(tensors, storage_writer=_storage(path, reader=False), process_group=self._group)
             self._publish(path, iteration, dict(meta), started)
             return time.monotonic() - started
         future = dcp.async_save(tensors, storage_writer=_storage(path, reader=False), process_group=self._group)
@@ -295,6 +312,7 @@ class CheckpointManager:
                       "save_seconds": seconds, **meta}
             self._write_marker(self._local(path), json.dumps(record, default=_json_default))
             self.prune()
+        self._barrier()  # so that on every rank a returned save (or wait) means a published checkpoint
         self.last_save_seconds, self.last_saved_iteration = seconds, iteration
         logger.info("checkpoint %s published in %.2f s", path, seconds)
 
@@ -338,9 +356,7 @@ class CheckpointManager:
             record = json.load(handle)
         sharded, extras = _split_state(state)
         if sharded:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
-                dcp.load(dict(sharded), storage_reader=_storage(path, reader=True), process_group=self._group)
+            dcp.load(dict(sharded), storage_reader=_storage(path, reader=True), process_group=self._group)
         if extras:
             self._load_extras(fs, root.rstrip("/"), extras, saved_world_size=record["world_size"])
         self._barrier()
@@ -440,9 +456,7 @@ def load_model_weights(
             else:
                 to_load[key] = torch.empty(size, dtype=saved[key].properties.dtype)
                 mismatched[key] = (prefix, name)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
-        dcp.load(to_load, storage_reader=reader)
+    dcp.load(to_load, storage_reader=reader)
     unresolved: dict[str, torch.Tensor] = {}
     for key, (prefix, name) in mismatched.items():
         target = targets[prefix][name]

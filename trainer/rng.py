@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 __all__ = ["RNGState", "capture_rng_state", "restore_rng_state", "seed_all"]
 
@@ -86,8 +87,15 @@ class RNGState:
     reseeded from a value drawn from the restored state and this rank: still reproducible, distinct per rank.
     """
 
-    def __init__(self, *, rank: int) -> None:
-        self.rank = rank
+    def __init__(self, *, rank: int | None = None) -> None:
+        self._rank = rank
+
+    @property
+    def rank(self) -> int:
+        """The rank given, else the process group's (0 without one), read when saving or loading."""
+        if self._rank is not None:
+            return self._rank
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"rank": self.rank, **capture_rng_state()}
