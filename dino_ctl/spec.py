@@ -26,6 +26,7 @@ from dino_ctl.errors import SpecError, SpecErrors
 __all__ = [
     "API_VERSION",
     "BACKENDS",
+    "DNS_LABEL",
     "GROUP",
     "KIND",
     "DataSpec",
@@ -59,14 +60,14 @@ KIND = "DinoExperiment"
 BACKENDS = ("pytorchjob", "trainjob", "torchx", "local")
 STORAGE_SCHEMES = ("s3", "gs", "file", "pvc")
 
-_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 # Kubernetes resource.Quantity: a decimal number with an optional binary/decimal SI suffix or exponent.
 _QUANTITY = re.compile(r"^\+?(\d+(\.\d*)?|\.\d+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?\d+)?$")
 _URI = re.compile(r"^(?P<scheme>[a-z0-9]+)://(?P<rest>.+)$")
 
 
 def _dns_label(value: str) -> str:
-    if len(value) > 63 or not _DNS_LABEL.match(value):
+    if len(value) > 63 or not DNS_LABEL.match(value):
         raise ValueError("a DNS-1035 label: lowercase letters, digits and '-', starting with a letter, <= 63 chars")
     return value
 
@@ -84,7 +85,7 @@ def _storage_uri(value: str) -> str:
         raise ValueError("a URI s3://bucket/path, gs://bucket/path, file:///absolute/path or pvc://claim/path")
     if match["scheme"] == "file" and not match["rest"].startswith("/"):
         raise ValueError("file:// followed by an absolute path, e.g. file:///data/runs")
-    if match["scheme"] == "pvc" and not _DNS_LABEL.match(match["rest"].split("/", 1)[0]):
+    if match["scheme"] == "pvc" and not DNS_LABEL.match(match["rest"].split("/", 1)[0]):
         raise ValueError("pvc://claim/path where claim is the name of a PersistentVolumeClaim")
     return value
 
@@ -97,7 +98,7 @@ def _one_or_many(value: Any) -> Any:
 DnsLabel = Annotated[
     str,
     AfterValidator(_dns_label),
-    WithJsonSchema({"type": "string", "maxLength": 63, "pattern": _DNS_LABEL.pattern}),
+    WithJsonSchema({"type": "string", "maxLength": 63, "pattern": DNS_LABEL.pattern}),
 ]
 Quantity = Annotated[
     str,

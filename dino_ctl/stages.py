@@ -61,18 +61,33 @@ def stage_checkpoint_dir(experiment: DinoExperiment, stage: str) -> str:
     return trainer_path(experiment.spec.storage.checkpoints).rstrip("/") + "/" + stage
 
 
+def _set_by_overrides(path: str, overrides: dict[str, Any]) -> bool:
+    """Whether the config field ``path`` (or a parent of it) is set by one of the stage's dotted overrides."""
+    parts = path.replace("[]", "").split(".")
+    return any(".".join(parts[:n]) in overrides for n in range(1, len(parts) + 1))
+
+
 def stage_config_error(experiment: DinoExperiment, stage: str, error: ConfigError) -> SpecError:
-    """Re-home a trainer ``ConfigError`` (path relative to TrainConfig) onto the spec field the user edits."""
-    index = experiment.spec.stage_index(stage)
-    prefix = f"spec.stages[{index}]"
-    spec_fields = {
-        "recipe": f"{prefix}.recipe",
-        "stage.init_from": f"{prefix}.init",
-        "stage.teacher_from": f"{prefix}.teacher",
-        "data.streams": "spec.data.streams",
-    }
-    path = spec_fields.get(error.path, f"{prefix}.overrides.{error.path}")
-    return SpecError(path, error.value, error.allowed)
+    """Re-home a trainer ``ConfigError`` (path relative to TrainConfig) onto the spec field the user edits.
+
+    Fields the spec itself decides (recipe, init/teacher links, data streams) point at their spec field unless the
+    stage's overrides set them; everything else points into ``spec.stages[i].overrides``.
+    """
+    spec_stage = experiment.spec.stage(stage)
+    prefix = f"spec.stages[{experiment.spec.stage_index(stage)}]"
+    if _set_by_overrides(error.path, spec_stage.overrides):
+        return SpecError(f"{prefix}.overrides.{error.path}", error.value, error.allowed)
+    if error.path == "recipe":
+        return SpecError(f"{prefix}.recipe", error.value, error.allowed)
+    if error.path in ("stage.init_from", "stage.teacher_from"):
+        field = "init" if error.path == "stage.init_from" else "teacher"
+        kind = "highres" if field == "init" else "distill"
+        return SpecError(f"{prefix}.{field}", None, f"{field}: {{from: STAGE}}: a {kind} stage starts from another "
+                         "stage's published checkpoint")
+    if error.path.startswith("data.streams"):
+        return SpecError("spec.data.streams" + error.path[len("data.streams"):].replace("[]", "[*]"), error.value,
+                         error.allowed)
+    return SpecError(f"{prefix}.overrides.{error.path}", error.value, error.allowed)
 
 
 def _spec_values(experiment: DinoExperiment, stage_name: str, resolve: Any) -> dict[str, Any]:

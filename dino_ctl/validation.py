@@ -50,7 +50,7 @@ def _graph_errors(experiment: DinoExperiment) -> Iterator[SpecError]:
         if stage.name in names[:i]:
             yield SpecError(f"spec.stages[{i}].name", stage.name, f"a name no other stage uses (stages[{names.index(stage.name)}])")
     for i, stage in enumerate(stages):
-        others = ", ".join(n for n in names if n != stage.name) or "no other stage exists"
+        others = ", ".join(dict.fromkeys(n for n in names if n != stage.name)) or "no other stage exists"
         refs = [(f"after[{k}]", name) for k, name in enumerate(stage.after)]
         refs += [(field, ref.from_) for field, ref in (("init.from", stage.init), ("teacher.from", stage.teacher)) if ref]
         for field, name in refs:
@@ -125,6 +125,8 @@ def _storage_errors(experiment: DinoExperiment, backend: str) -> Iterator[SpecEr
 
 
 def _child_name_errors(experiment: DinoExperiment) -> Iterator[SpecError]:
+    if len({s.name for s in experiment.spec.stages}) < len(experiment.spec.stages):
+        return  # duplicate stage names are reported by the graph rules
     seen: dict[str, int] = {}
     for i, stage in enumerate(experiment.spec.stages):
         name = child_name(experiment.name, stage.name)
@@ -174,5 +176,6 @@ def validate_experiment(experiment: DinoExperiment, *, backend: str | None = Non
     ]
     if not errors:  # trainer configs need a sound graph (init/teacher resolution follows it)
         errors.extend(_stage_config_errors(experiment))
-    if errors:
-        raise SpecErrors(errors)
+    unique = list({str(error): error for error in errors}.values())  # a shared field fails once, not per stage
+    if unique:
+        raise SpecErrors(unique)
