@@ -25,7 +25,7 @@ from trainer.checkpoint import CheckpointManager, load_model_weights
 from trainer.config import ModelConfig, TrainConfig, config_from_dict, config_to_dict
 from trainer.data.loader import build_train_loader
 from trainer.distributed import local_rank
-from trainer.metrics import JsonlLogger, TrainMetrics
+from trainer.metrics import JsonlLogger, TrainMetrics, format_console
 from trainer.models import model_flops_per_image
 from trainer.parallelize import parallelize
 from trainer.rng import RNGState
@@ -81,7 +81,7 @@ class Runtime:
         self.log_file = JsonlLogger(log_file) if rank == 0 else None
         self.flops_per_image = model_flops_per_image(config.model, config.data.crops)
         self.peak_flops = _peak_flops(device)
-        self._window_start, self._window_images, self._last_saved = time.perf_counter(), 0, -1
+        self._last_saved = -1
         self._last_record: dict[str, float] = {}
 
     # ---------------------------------------------------------------------------------------------- construction
@@ -131,8 +131,10 @@ class Runtime:
         start = time.perf_counter()
         iteration = self.checkpoints.load_latest(self.state())
         if iteration is not None:
-            logger.info("resumed at iteration %d in %.2fs", iteration, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            logger.info("resumed at iteration %d in %.2fs", iteration, seconds)
             self._last_saved = iteration
+            self._log_start(resumed_from=iteration, load_seconds=seconds)
             return iteration
         stage = self.config.stage
         if stage.kind == "highres":
@@ -147,7 +149,23 @@ class Runtime:
                 raise FileNotFoundError(f"stage.teacher_from: no complete checkpoint in {stage.teacher_from}")
             load_model_weights(source.path, {"teacher": self.models.teacher})
             logger.info("distillation teacher loaded from %s", source.path)
+        self._log_start(resumed_from=None, load_seconds=time.perf_counter() - start)
         return 0
+
+    def _log_start(self, *, resumed_from: int | None, load_seconds: float) -> None:
+        if self.log_file:
+            self.log_file.write(
+                {
+                    "event": "start",
+                    "time": time.time(),
+                    "resumed_from": resumed_from,
+                    "load_seconds": load_seconds,
+                    "world_size": self.world_size,
+                    "metrics_port": self.metrics.port,
+                    "stage": self.config.stage.kind,
+                    "recipe": self.config.recipe,
+                }
+            )
 
     # --------------------------------------------------------------------------------------------------- steps
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -156,10 +174,10 @@ class Runtime:
             for key, value in batch.items()
         }
 
-    def step(self, batch: dict[str, Any], iteration: int, *, data_wait: float) -> dict[str, float]:
+    def step(self, batch: dict[str, Any], iteration: int, *, data_wait: float) -> None:
+        """Train on ``batch`` as iteration ``iteration`` (0-based), update metrics, log every log interval."""
         start = time.perf_counter()
-        for module in (self.models.student,):
-            module.train()
+        self.models.student.train()
         try:
             record = self.train_step(batch, iteration)
         except NonFiniteLossError as exc:
@@ -169,13 +187,11 @@ class Runtime:
             raise
         step_seconds = time.perf_counter() - start
         images = self.config.optim.global_batch_size
-        self._window_images += images
-        bad = int(batch.get("num_bad_samples", 0))
         mfu = None
         if self.peak_flops:
             mfu = self.flops_per_image * images / step_seconds / (self.peak_flops * self.world_size)
-        gpu_mem = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-        self.metrics.observe_step(
+        self._last_record = record
+        log_record = self.metrics.observe_step(
             iteration + 1,
             losses={k.split("/", 1)[1]: v for k, v in record.items() if k.startswith("loss/")},
             lr=record["lr"],
@@ -186,41 +202,15 @@ class Runtime:
             step_seconds=step_seconds,
             data_wait_seconds=data_wait,
             images=images,
-            bad_samples=bad,
+            bad_samples=int(batch.get("num_bad_samples", 0)),
             mfu=mfu,
-            gpu_mem=gpu_mem,
+            gpu_mem=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
         )
-        record.update(step_seconds=step_seconds, data_wait_seconds=data_wait, bad_samples=bad)
-        if mfu is not None:
-            record["mfu"] = mfu
-        self._last_record = record
-        return record
-
-    def log(self, iteration: int, record: dict[str, float]) -> None:
-        interval = self.config.metrics.log_interval
-        if iteration % interval and iteration != self.config.optim.iterations:
-            return
-        elapsed = time.perf_counter() - self._window_start
-        images_per_s = self._window_images / elapsed if elapsed > 0 else 0.0
-        self._window_start, self._window_images = time.perf_counter(), 0
-        if self.log_file:
-            self.log_file.write(
-                {
-                    "event": "step",
-                    "iteration": iteration,
-                    "iterations": self.config.optim.iterations,
-                    "images_per_second": images_per_s,
-                    "time": time.time(),
-                    **record,
-                }
-            )
-        logger.info(
-            "it %d/%d loss %.4f (dino_g %.4f dino_l %.4f ibot %.4f koleo %.4f) lr %.2e %.1f img/s",
-            iteration, self.config.optim.iterations, record.get("loss/total", float("nan")),
-            record.get("loss/dino_global", float("nan")), record.get("loss/dino_local", float("nan")),
-            record.get("loss/ibot", float("nan")), record.get("loss/koleo", float("nan")), record["lr"],
-            images_per_s,
-        )
+        if log_record is not None:
+            log_record["iterations"] = self.config.optim.iterations
+            logger.info("%s", format_console(log_record))
+            if self.log_file:
+                self.log_file.write({"event": "step", **log_record})
 
     # ------------------------------------------------------------------------------------------- checkpointing
     def save(self, iteration: int, *, reason: str) -> None:

@@ -10,21 +10,18 @@ Exit codes: 0 finished, 1 error, 143 (:data:`PREEMPTED_EXIT_CODE`) stopped by SI
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import yaml
 
-from trainer import layout
-from trainer.config import ConfigError, TrainConfig, config_to_dict, parse_override, resolve_config, validate_config
+from trainer.config import ConfigError, TrainConfig, parse_override, resolve_config, validate_config
 from trainer.runtime import Runtime
 
 logger = logging.getLogger("trainer.train")
@@ -93,7 +90,7 @@ def train(config: TrainConfig) -> int:
             wait_start = time.perf_counter()
             batch = runtime.to_device(next(batches))
             data_wait = time.perf_counter() - wait_start
-            record = runtime.step(batch, iteration, data_wait=data_wait)
+            runtime.step(batch, iteration, data_wait=data_wait)
             iteration += 1
             if preemption.agreed(device):
                 runtime.save(iteration, reason="preemption")
@@ -102,7 +99,6 @@ def train(config: TrainConfig) -> int:
                 return PREEMPTED_EXIT_CODE
             if iteration % config.checkpoint.interval_iterations == 0 and iteration < config.optim.iterations:
                 runtime.save(iteration, reason="interval")
-            runtime.log(iteration, record)
         runtime.finish(iteration)
         return 0
     finally:
@@ -122,12 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        config = load_config(args.config, args.override, recipe=args.recipe)
+        code = train(load_config(args.config, args.override, recipe=args.recipe))
     except ConfigError as exc:
         logger.error("invalid config: %s", exc)
         return 2
-    try:
-        code = train(config)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
