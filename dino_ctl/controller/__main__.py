@@ -1,0 +1,56 @@
+"""``python -m dino_ctl.controller``: run the DinoExperiment controller (the controller image's entry point)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+__all__ = ["main", "parse_args"]
+
+logger = logging.getLogger("dino_ctl.controller")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options (the chart's Deployment passes them)."""
+    parser = argparse.ArgumentParser(prog="python -m dino_ctl.controller", description=__doc__)
+    parser.add_argument("--namespace", action="append", dest="namespaces", default=[], metavar="NS",
+                        help="namespace to reconcile DinoExperiments in (repeat for several; required)")
+    parser.add_argument("--health-port", type=int, default=8080, help="kopf health endpoint port (/healthz)")
+    parser.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0 disables)")
+    parser.add_argument("--interval", type=float, default=30.0, help="seconds between periodic reconciles")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--read-checkpoints", action="store_true",
+                        help="read checkpoints from storage for status.stages[].latestCheckpoint (needs credentials)")
+    args = parser.parse_args(argv)
+    if not args.namespaces:
+        parser.error("--namespace is required: the controller is namespaced (its RBAC is a Role per namespace)")
+    if args.interval < 1:
+        parser.error(f"--interval {args.interval}: must be at least 1 second")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import kopf
+
+    from dino_ctl.controller.executor import Executor, read_latest_checkpoints
+    from dino_ctl.controller.handlers import Controller, build_registry, operator_settings
+    from dino_ctl.controller.metrics import ControllerMetrics
+    from dino_ctl.kube import KubeClient
+
+    metrics = ControllerMetrics()
+    if args.metrics_port:
+        metrics.serve(args.metrics_port)
+    executor = Executor(KubeClient.from_kubeconfig(),
+                        checkpoint_reader=read_latest_checkpoints if args.read_checkpoints else None)
+    registry = build_registry(Controller(executor, metrics), interval=args.interval)
+    logger.info("reconciling DinoExperiments in %s every %.0fs", ", ".join(args.namespaces), args.interval)
+    kopf.run(registry=registry, settings=operator_settings(), standalone=True, namespaces=args.namespaces,
+             liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
