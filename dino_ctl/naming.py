@@ -57,8 +57,22 @@ def truncate_name(name: str, max_length: int = MAX_CHILD_NAME) -> str:
 
 
 def child_name(experiment: str, stage: str, suffix: str = "", *, max_length: int = MAX_CHILD_NAME) -> str:
-    """Name of a stage's child object: ``<experiment>-<stage>[-<suffix>]``, truncated with a hash when too long."""
-    return truncate_name("-".join(part for part in (experiment, stage, suffix) if part), max_length)
+    """Name of a stage's child object: ``<experiment>-<stage>[-<suffix>]``.
+
+    When too long, the longest part is shortened first (so both experiment and stage stay recognisable), then a
+    6-hex-digit hash of the full name is appended, which keeps distinct names distinct.
+    """
+    parts = [part for part in (experiment, stage, suffix) if part]
+    full = "-".join(parts)
+    if len(full) <= max_length:
+        return full
+    budget = max_length - _HASH_LENGTH - 1
+    while len("-".join(parts)) > budget:
+        longest = max(range(len(parts)), key=lambda i: len(parts[i]))
+        parts[longest] = parts[longest][:-1]
+    digest = hashlib.sha256(full.encode()).hexdigest()[:_HASH_LENGTH]
+    prefix = "-".join(part.rstrip("-") for part in parts if part.rstrip("-"))
+    return f"{prefix}-{digest}"
 
 
 def experiment_labels(experiment: str, *, extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -18,6 +18,18 @@ GOLDEN = REPO_ROOT / "tests" / "golden"
 UPDATE_GOLDEN = os.environ.get("DINO_CTL_UPDATE_GOLDEN") == "1"
 
 
+def example_specs() -> list[Path]:
+    """The DinoExperiment files of examples/ (the folder also holds other documents, e.g. curation configs)."""
+    import yaml
+
+    found = []
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        kinds = {doc.get("kind") for doc in yaml.safe_load_all(path.read_text()) if isinstance(doc, dict)}
+        if "DinoExperiment" in kinds:
+            found.append(path)
+    return found
+
+
 def document(**spec_overrides: Any) -> dict[str, Any]:
     """A small valid three-stage DinoExperiment document (CPU-sized recipe); ``spec`` keys replaced as given."""
     base: dict[str, Any] = {

@@ -10,7 +10,7 @@ import yaml
 
 from dino_ctl.errors import SpecErrors
 from dino_ctl.spec import DinoExperiment, load_spec, parse_spec
-from tests.dino_ctl.spec_helpers import EXAMPLES, document
+from tests.dino_ctl.spec_helpers import EXAMPLES, document, example_specs
 
 
 def _errors(doc: object) -> list[str]:
@@ -133,10 +133,15 @@ def test_load_spec_reads_one_experiment_among_other_documents(tmp_path: Path) ->
         load_spec(path)
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+@pytest.mark.parametrize("name", [p.name for p in example_specs()])
 def test_examples_validate(name: str) -> None:
     experiment = load_spec(EXAMPLES / name)
     assert experiment.spec.stages
+
+
+def test_the_three_required_examples_exist() -> None:
+    names = {p.name for p in example_specs()}
+    assert {"vitl14-pretrain-highres-distill.yaml", "trainjob-vits14.yaml", "torchx-vits14-volcano.yaml"} <= names
 
 
 def test_spec_modules_do_not_import_torch() -> None:

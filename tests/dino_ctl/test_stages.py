@@ -93,7 +93,7 @@ def test_child_names_are_valid_labels_and_truncated_with_a_hash() -> None:
     long_a = child_name("e" * 40, "stage-" + "a" * 20)
     long_b = child_name("e" * 40, "stage-" + "b" * 20)
     assert len(long_a) == MAX_CHILD_NAME and long_a != long_b
-    assert long_a.startswith("e" * 40 + "-st") and DNS_LABEL.match(long_a)
+    assert long_a.startswith("e" * 22 + "-stage-" + "a" * 16 + "-") and DNS_LABEL.match(long_a)
     assert child_name("e" * 40, "x", "config", max_length=63) == "e" * 40 + "-x-config"
 
 
