@@ -4,7 +4,8 @@ Single sources, so nothing drifts:
 
 - the CRD comes from :func:`dino_ctl.schema.crd_manifest` (into ``charts/dino-ctl/crds/`` and ``manifests/crds/``);
 - alert rules, the training PodMonitor's endpoint and the Grafana dashboard come from
-  :mod:`dino_ctl.render.monitoring` (into ``charts/dino-ctl/files/``; thresholds become chart values);
+  :mod:`dino_ctl.render.monitoring`, the ClusterTrainingRuntime from :mod:`dino_ctl.render.trainjob` (into
+  ``charts/dino-ctl/files/``; thresholds, names and ports become chart values);
 - the Deployment, RBAC and monitoring objects are the chart's templates; ``manifests/`` is the chart rendered with
   its default values (plus a Namespace and a kustomization), so ``kubectl apply -k manifests/`` installs what
   ``helm install`` would.
@@ -27,9 +28,21 @@ from typing import Any
 import yaml
 
 from dino_ctl.render.monitoring import AlertThresholds, alert_rule_groups, dashboard, render_pod_monitor
+from dino_ctl.render.trainjob import render_cluster_training_runtime
 from dino_ctl.schema import CRD_NAME, crd_manifest
+from dino_ctl.spec import API_VERSION, DinoExperiment, parse_spec
 
-__all__ = ["DEFAULT_NAMESPACE", "CHART", "chart_data_files", "generated_files", "main", "manifest_files", "render_chart"]
+__all__ = [
+    "CHART",
+    "DEFAULT_NAMESPACE",
+    "GANG_SCHEDULERS",
+    "chart_data_files",
+    "generated_files",
+    "main",
+    "manifest_files",
+    "render_chart",
+    "runtime_experiment",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +108,47 @@ def pod_metrics_endpoints_template() -> str:
     return HEADER + text.replace(_SCRAPE_SENTINEL, "{{ .Values.monitoring.scrapeInterval }}")
 
 
+GANG_SCHEDULERS = ("coscheduling", "volcano", "none")
+_RUNTIME_SENTINELS = {  # chart value under trainingRuntime -> sentinel in the rendered runtime
+    "name": "dinoctlruntimesentinel",
+    "image": "sentinel.invalid/dino-ctl-trainer:970301",
+    "metricsPort": "59701",
+    "maxRestarts": "970302",
+}
+
+
+def runtime_experiment(gang_scheduler: str, **values: Any) -> DinoExperiment:
+    """A minimal experiment whose runtime-related fields are ``values`` (chart names) and ``gang_scheduler``.
+
+    The ClusterTrainingRuntime is cluster-wide, not an experiment's: this stands in for "any experiment" so the chart
+    ships exactly what :func:`dino_ctl.render.trainjob.render_cluster_training_runtime` renders.
+    """
+    document = {
+        "apiVersion": API_VERSION,
+        "kind": "DinoExperiment",
+        "metadata": {"name": "runtime"},
+        "spec": {
+            "image": values["image"],
+            "storage": {"checkpoints": "s3://unused/runtime"},
+            "monitoring": {"port": int(values["metricsPort"])},
+            "failureBudget": {"elasticRestarts": int(values["maxRestarts"])},
+            "trainJob": {"runtime": values["name"], "gangScheduler": gang_scheduler},
+            "stages": [{"name": "unused", "recipe": "tiny"}],
+        },
+    }
+    return parse_spec(document)
+
+
+def runtime_template(gang_scheduler: str) -> str:
+    """``files/cluster-training-runtime-<gang scheduler>.yaml`` with the runtime's values as chart expressions."""
+    runtime = render_cluster_training_runtime(runtime_experiment(gang_scheduler, **_RUNTIME_SENTINELS))
+    text = dump_yaml(runtime)
+    for key, sentinel in _RUNTIME_SENTINELS.items():
+        assert text.count(sentinel) >= 1, f"{key} does not appear in the rendered runtime"
+        text = text.replace(sentinel, "{{ .Values.trainingRuntime.%s }}" % key)
+    return HEADER + text
+
+
 def chart_data_files() -> dict[Path, str]:
     """Files of ``charts/dino-ctl`` that are generated from code (paths relative to the repository root)."""
     return {
@@ -102,6 +156,7 @@ def chart_data_files() -> dict[Path, str]:
         CHART / "files" / "prometheus-rules.yaml": rules_template(),
         CHART / "files" / "training-pod-metrics-endpoints.yaml": pod_metrics_endpoints_template(),
         CHART / "files" / "dino-ctl-training.json": json.dumps(dashboard(), indent=2, sort_keys=True) + "\n",
+        **{CHART / "files" / f"cluster-training-runtime-{gang}.yaml": runtime_template(gang) for gang in GANG_SCHEDULERS},
     }
 
 

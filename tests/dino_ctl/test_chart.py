@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 import yaml
 
-from dino_ctl.controller.manifests import CHART, render_chart
+from dino_ctl.controller.manifests import CHART, render_chart, runtime_experiment
 from dino_ctl.controller.validate import SCHEMAS_ENV, ObjectValidator, find_k8s_schemas
 from dino_ctl.render.monitoring import AlertThresholds, alert_rule_groups, dashboard, render_pod_monitor
+from dino_ctl.render.trainjob import render_cluster_training_runtime
 from dino_ctl.schema import crd_manifest
 
 helm_python = pytest.importorskip("helm_python", reason="helm-python-sdk (a dev dependency) renders the chart")
@@ -151,6 +152,29 @@ def test_monitoring_and_rbac_can_be_switched_off() -> None:
                        "dashboard": {"enabled": False}},
     }
     assert [o["kind"] for o in _objects(values)] == ["Deployment"]
+
+
+@pytest.mark.parametrize(
+    ("chart_values", "expected"),
+    [
+        ({}, {"name": "dino-ctl-torch", "image": "ghcr.io/dino-ctl/dino-ctl-trainer:0.1.0", "metricsPort": 9400,
+              "maxRestarts": 3, "gang": "coscheduling"}),
+        ({"name": "dino-torch-volcano", "gangScheduler": "volcano", "image": "registry.example.com/t:2",
+          "metricsPort": 9500, "maxRestarts": 0},
+         {"name": "dino-torch-volcano", "image": "registry.example.com/t:2", "metricsPort": 9500, "maxRestarts": 0,
+          "gang": "volcano"}),
+        ({"gangScheduler": "none"}, {"name": "dino-ctl-torch", "image": "ghcr.io/dino-ctl/dino-ctl-trainer:0.1.0",
+                                     "metricsPort": 9400, "maxRestarts": 3, "gang": "none"}),
+    ],
+    ids=["default", "volcano", "no-gang"],
+)
+def test_training_runtime_is_the_rendered_one(
+    validator: ObjectValidator, chart_values: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    runtime = _one(_objects({"trainingRuntime": chart_values}), "ClusterTrainingRuntime")
+    validator.validate(runtime)
+    gang = expected.pop("gang")
+    assert runtime == render_cluster_training_runtime(runtime_experiment(gang, **expected))
 
 
 @pytest.mark.parametrize(
