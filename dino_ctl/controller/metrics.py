@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
@@ -66,6 +67,7 @@ class ControllerMetrics:
         for phase in PHASES:
             self.experiments.labels(phase=phase).set(sum(p == phase for p in self._phases.values()))
 
-    def serve(self, port: int, *, addr: str = "0.0.0.0") -> None:
-        """Serve ``/metrics`` on ``port`` from a background thread."""
-        start_http_server(port, addr=addr, registry=self.registry)
+    def serve(self, port: int, *, addr: str = "0.0.0.0") -> Any:
+        """Serve ``/metrics`` on ``port`` from a background thread; returns the server (``.shutdown()`` stops it)."""
+        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        return server
