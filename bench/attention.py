@@ -7,8 +7,8 @@ ViT-S/14 (position embedding for 224 px), per image 2 global crops of 224 px and
 - ``forward`` / ``train_step``: the student's ONE packed ``forward_features_list`` (eval forward without grad, and
   forward + backward with stochastic depth off) against the baseline of two ``forward_features`` calls, one per crop
   size. Both give the same outputs (``max_abs_diff``).
-- ``attention``: the SDPA backend's attention over the packed tokens (one SDPA call per crop size) against the
-  baseline of one SDPA call over the whole packed sequence with a dense ``[T, T]`` block-diagonal boolean mask.
+- ``attention``: the SDPA backend's attention core over the packed tokens (one SDPA call per crop size) against
+  the baseline of one SDPA call over the whole packed sequence with a dense ``[T, T]`` block-diagonal boolean mask.
 
 Timings are medians over ``--repeats`` runs after one warm-up, the two variants interleaved so that load from other
 processes hits both alike. ``speedup`` = baseline time / packed time. Prints one JSON object.
@@ -76,23 +76,22 @@ def bench_model(model, xs: list[torch.Tensor], crops: CropConfig, batch: int, re
 
 
 def bench_attention(model, xs: list[torch.Tensor], repeats: int) -> dict:
-    """The first block's attention, on the real packed input tokens."""
+    """The attention core (after qkv, before proj) of the first block, on the real packed input tokens."""
     attn = model.blocks[0].attn
     with torch.no_grad():
         groups = [model.prepare_tokens(x) for x in xs]
         layout = TokenLayout(tuple(g.shape[0] for g in groups), tuple(g.shape[1] for g in groups))
-        tokens = model.blocks[0].norm1(torch.cat([g.flatten(0, 1) for g in groups]))
-        crop = torch.repeat_interleave(torch.arange(len(layout.crop_seq_lens())), torch.tensor(layout.crop_seq_lens()))
-        block_mask = crop[:, None] == crop[None, :]  # [T, T]
+        qkv = attn.qkv(model.blocks[0].norm1(torch.cat([g.flatten(0, 1) for g in groups])))  # [T, 3D]
+        crop_ids = torch.repeat_interleave(torch.arange(sum(layout.batch_sizes)), torch.tensor(layout.crop_seq_lens()))
+        block_mask = crop_ids[:, None] == crop_ids[None, :]  # [T, T]
 
         def dense() -> torch.Tensor:
-            qkv = attn.qkv(tokens).view(1, layout.num_tokens, 3, attn.num_heads, attn.head_dim)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [1, H, T, hd]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask)
-            return attn.proj(out.transpose(1, 2).reshape(layout.num_tokens, -1))
+            q, k, v = qkv.view(1, layout.num_tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask)  # [1, H, T, hd]
+            return out.transpose(1, 2).reshape(layout.num_tokens, -1)
 
         def grouped() -> torch.Tensor:
-            return attn(tokens, layout)
+            return attn.grouped_sdpa(qkv, layout)
 
         diff = (dense() - grouped()).abs().max().item()
         seconds = _median_seconds({"dense_mask": dense, "grouped": grouped}, repeats)

@@ -1,8 +1,8 @@
 """The models under FSDP2 ``fully_shard`` (2 CPU processes, gloo): same gradients as the unsharded modules.
 
 Covers the weight-normalised head (plain ``weight_g``/``weight_v`` parameters sharded by rows) and the backbone's
-packed forward (blocks called with a ``TokenLayout`` argument, ``forward_features_list`` registered as an FSDP
-forward method).
+packed forward (blocks called with a ``TokenLayout`` argument) through every entry point, the non-``forward`` ones
+registered with ``register_fsdp_forward_method`` as ``trainer.parallelize`` must do.
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@
 ``sdpa`` (PyTorch ``scaled_dot_product_attention``): the packed tokens are cut into runs of equally long crops
 (:attr:`TokenLayout.attention_groups`), each of which is an ordinary ``[b, H, n, hd]`` batch, and SDPA runs once per
 run. That is block-diagonal attention by construction, with no mask. The alternative of one SDPA call over the whole
-packed sequence with a dense ``[T, T]`` block-diagonal mask costs O(T^2) time and memory in the *total* token count
-(T is ~1,800 tokens per image for 2x224 + 8x98 crops at patch 14, so ~11x the attention FLOPs of the grouped form at
-batch 1 and growing linearly with the batch) and the mask disables the fused kernels. ``bench/attention.py``
-measures both.
+packed sequence with a dense ``[T, T]`` block-diagonal mask costs O(T^2) time and memory in the *total* token count:
+an image's 2x224 + 8x98 crops at patch 14 are T = 914 tokens, and the dense form computes 914^2 = 835k scores per
+head against 2*257^2 + 8*50^2 = 152k for the grouped form (5.5x at batch 1, 5.5B x at batch B); on GPU a dense mask
+also rules out the flash kernels. ``bench/attention.py`` measures both.
 
 ``xformers`` (``memory_efficient_attention`` with a ``BlockDiagonalMask``, what the reference uses): one kernel over
 the whole packed sequence that skips the off-diagonal blocks. Selected for ``attention_backend: xformers`` or ``auto``
@@ -90,10 +90,11 @@ class Attention(nn.Module):
         if self._use_xformers(x):
             out = self._xformers(qkv, layout)
         else:
-            out = self._grouped_sdpa(qkv, layout)
+            out = self.grouped_sdpa(qkv, layout)
         return self.proj(out)
 
-    def _grouped_sdpa(self, qkv: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    def grouped_sdpa(self, qkv: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """The SDPA backend's core: packed ``qkv [T, 3D]`` -> attention output ``[T, D]``, one call per group."""
         dim = self.num_heads * self.head_dim
         outputs = []
         for start, num_crops, seq_len in layout.attention_groups:

@@ -27,7 +27,14 @@ import torch.nn as nn
 
 from trainer.models.vision_transformer import interpolate_pos_embed
 
-__all__ = ["LoadResult", "export_backbone_state_dict", "load_backbone_state_dict", "read_checkpoint", "save_backbone"]
+__all__ = [
+    "LoadResult",
+    "export_backbone_state_dict",
+    "load_backbone_state_dict",
+    "normalize_keys",
+    "read_checkpoint",
+    "save_backbone",
+]
 
 logger = logging.getLogger(__name__)
 

@@ -2,9 +2,10 @@
 
 A packed batch is a ``[T, D]`` tensor holding every token of every crop back to back, plus a :class:`TokenLayout`
 saying how it splits: group ``i`` is ``batch_sizes[i]`` crops of ``seq_lens[i]`` tokens each, stored crop after crop.
-Row-wise layers (LayerNorm, the qkv/proj/FFN linears, LayerScale) run once over all ``T`` rows, which is what makes a
-packed forward cheaper than one forward per crop size (one large GEMM instead of several). Attention is the only
-layer that must see crop boundaries: it is block diagonal, each crop attending only to its own tokens.
+Row-wise layers (LayerNorm, the qkv/proj/FFN linears, LayerScale) run once over all ``T`` rows. Against one forward
+per crop size this halves the kernel launches and, under FSDP2, the per-block parameter all-gathers (the reason the
+reference packs); on CPU the two cost about the same (``bench/attention.py``). Attention is the only layer that must
+see crop boundaries: it is block diagonal, each crop attending only to its own tokens.
 
 The layout holds Python ints only (its derived values are recomputed, not cached, so ``dataclasses.replace`` as
 done by FSDP2's input casting reproduces it exactly); it passes through activation checkpointing and becomes
