@@ -30,7 +30,10 @@ CheckpointReader = Callable[[DinoExperiment], Mapping[str, int | None]]
 
 
 def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
-    """The controlling owner reference to a DinoExperiment (``blockOwnerDeletion`` needs ``dinoexperiments/finalizers``)."""
+    """The controlling owner reference to a DinoExperiment.
+
+    ``blockOwnerDeletion`` needs ``update`` on ``dinoexperiments/finalizers`` (the chart's Role grants it).
+    """
     meta = body["metadata"]
     return {"apiVersion": body["apiVersion"], "kind": body["kind"], "name": meta["name"], "uid": meta["uid"],
             "controller": True, "blockOwnerDeletion": True}

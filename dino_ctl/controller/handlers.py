@@ -1,8 +1,9 @@
 """kopf handlers for ``DinoExperiment`` (thin) and the :class:`Controller` they call.
 
-One reconcile runs on create, on a change of spec, labels or annotations, when the operator resumes, and every ``interval`` seconds (jobs
-change state without touching the resource). Each run: parse and validate the resource, observe its objects, run
-the pure :func:`dino_ctl.controller.core.reconcile`, execute the actions, then write the status and post the events.
+One reconcile runs on create, on a change of spec, labels or annotations, when the operator resumes, and every
+``interval`` seconds (jobs change state without touching the resource). Each run: parse and validate the resource,
+observe its objects, run the pure :func:`dino_ctl.controller.core.reconcile`, execute the actions, then write the
+status and post the events.
 Everything the next run needs lives in the cluster (stage ConfigMaps, jobs, the resource's status), so a restarted
 controller continues where the previous one stopped and never creates anything twice.
 
@@ -122,6 +123,9 @@ class Controller:
             logger.warning("%s/%s: %s", experiment.namespace, experiment.name, exc)
             event = Event(type=WARNING, reason="ReconcileError", message=str(exc))
             return Outcome(status=dict(previous), events=[event], error=str(exc), permanent=exc.permanent)
+        except Exception:  # a bug: counted, then kopf logs it, posts an event and retries with backoff
+            self.metrics.count_error("internal")
+            raise
         self.metrics.count_restarts(experiment.name, result.restarts)
         self.metrics.set_phase(body["metadata"]["uid"], result.status["phase"])
         events = list(result.events)

@@ -156,7 +156,8 @@ def chart_data_files() -> dict[Path, str]:
         CHART / "files" / "prometheus-rules.yaml": rules_template(),
         CHART / "files" / "training-pod-metrics-endpoints.yaml": pod_metrics_endpoints_template(),
         CHART / "files" / "dino-ctl-training.json": json.dumps(dashboard(), indent=2, sort_keys=True) + "\n",
-        **{CHART / "files" / f"cluster-training-runtime-{gang}.yaml": runtime_template(gang) for gang in GANG_SCHEDULERS},
+        **{CHART / "files" / f"cluster-training-runtime-{gang}.yaml": runtime_template(gang)
+           for gang in GANG_SCHEDULERS},
     }
 
 
@@ -221,7 +222,8 @@ def _orphans(root: Path, files: Mapping[Path, str]) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dino_ctl.controller.manifests", description=__doc__.split("\n")[0])
-    parser.add_argument("--root", type=Path, default=Path.cwd(), help="repository root (default: the current directory)")
+    parser.add_argument("--root", type=Path, default=Path.cwd(),
+                        help="repository root (default: the current directory)")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a generated file is stale")
     args = parser.parse_args(argv)
     root: Path = args.root.resolve()

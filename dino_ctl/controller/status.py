@@ -36,7 +36,8 @@ class StagePhase:
 
 
 def _waiting_for(experiment: DinoExperiment, observed: Observed, stage: str) -> str:
-    unfinished = [d for d in experiment.spec.stage(stage).dependencies() if observed.stage(d).phase != JobPhase.SUCCEEDED]
+    dependencies = experiment.spec.stage(stage).dependencies()
+    unfinished = [d for d in dependencies if observed.stage(d).phase != JobPhase.SUCCEEDED]
     if unfinished:
         return "waiting for stage " + ", ".join(unfinished)
     return "waiting for a complete checkpoint of its init/teacher stage"

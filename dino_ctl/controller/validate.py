@@ -26,7 +26,15 @@ from typing import Any
 
 import yaml
 
-__all__ = ["KUBE_VERSION", "ObjectValidator", "ValidationFailed", "find_k8s_schemas", "load_crd_schemas", "strict_schema"]
+__all__ = [
+    "KUBE_VERSION",
+    "SCHEMAS_ENV",
+    "ObjectValidator",
+    "ValidationFailed",
+    "find_k8s_schemas",
+    "load_crd_schemas",
+    "strict_schema",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +49,8 @@ class ValidationFailed(ValueError):
 
 def find_k8s_schemas(repo_root: Path) -> Path | None:
     """The upstream CRD folder: ``$DINO_CTL_K8S_SCHEMAS``, else ``<repo>/../shared/k8s-schemas``; None if absent."""
-    candidate = Path(os.environ[SCHEMAS_ENV]) if os.environ.get(SCHEMAS_ENV) else repo_root.parent / "shared" / "k8s-schemas"
+    configured = os.environ.get(SCHEMAS_ENV)
+    candidate = Path(configured) if configured else repo_root.parent / "shared" / "k8s-schemas"
     return candidate if candidate.is_dir() else None
 
 

@@ -163,7 +163,8 @@ def _training_alerts(thresholds: AlertThresholds, experiment: str | None) -> lis
             stale,
             for_minutes=5,
             severity="warning",
-            summary="Newest checkpoint of {{ $labels.experiment }}/{{ $labels.stage }} is {{ $value | humanizeDuration }} old",
+            summary="Newest checkpoint of {{ $labels.experiment }}/{{ $labels.stage }} is "
+            "{{ $value | humanizeDuration }} old",
             description=f"No complete checkpoint for more than {thresholds.checkpoint_max_age_minutes}m: a preemption "
             "now loses that much work. Check the checkpoint storage and the trainer logs.",
         ),

@@ -86,7 +86,9 @@ def test_fresh_experiment_submits_the_first_stage_and_explains_the_others() -> N
         ("distill", "Waiting", "waiting for stage highres"),
     ]
     assert _stage(status, "pretrain")["restarts"] == {"failure": 0, "preemption": 0, "eviction": 0}
-    assert result.events == [Event(type="Normal", reason="StageSubmitted", message="Submitted stage pretrain (attempt 0)")]
+    assert result.events == [
+        Event(type="Normal", reason="StageSubmitted", message="Submitted stage pretrain (attempt 0)")
+    ]
     assert result.restarts == []
 
 

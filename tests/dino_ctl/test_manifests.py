@@ -49,7 +49,8 @@ def test_check_names_a_stale_file_and_writing_fixes_it(repo_copy: Path, caplog: 
 
 def test_check_finds_a_hand_edited_manifest(repo_copy: Path, caplog: pytest.LogCaptureFixture) -> None:
     deployment = repo_copy / "manifests/deployment.yaml"
-    deployment.write_text(deployment.read_text().replace("readOnlyRootFilesystem: true", "readOnlyRootFilesystem: false"))
+    text = deployment.read_text()
+    deployment.write_text(text.replace("readOnlyRootFilesystem: true", "readOnlyRootFilesystem: false"))
     with caplog.at_level(logging.ERROR):
         assert manifests.main(["--root", str(repo_copy), "--check"]) == 1
     assert "manifests/deployment.yaml" in caplog.text

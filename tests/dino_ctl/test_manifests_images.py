@@ -15,7 +15,10 @@ import yaml
 from dino_ctl.spec import MonitoringSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DOCKERFILES = {"trainer": REPO_ROOT / "docker/trainer.Dockerfile", "controller": REPO_ROOT / "docker/controller.Dockerfile"}
+DOCKERFILES = {
+    "trainer": REPO_ROOT / "docker/trainer.Dockerfile",
+    "controller": REPO_ROOT / "docker/controller.Dockerfile",
+}
 INSTRUCTIONS = {"FROM", "ARG", "ENV", "WORKDIR", "COPY", "RUN", "USER", "EXPOSE", "CMD", "ENTRYPOINT", "LABEL"}
 
 
@@ -76,7 +79,8 @@ def test_dockerfile_is_well_formed(image: str, dockerignore: list[str]) -> None:
             assert re.search(r":[0-9][\w.-]*$", base), f"base image {base} must carry a version tag"
     final = _stages(instructions)[-1]
     users = [a for k, a in final if k == "USER"]
-    assert users and re.fullmatch(r"[1-9][0-9]*:[1-9][0-9]*", users[-1]), "final stage must run as a numeric non-root uid"
+    assert users, "the final stage must set USER"
+    assert re.fullmatch(r"[1-9][0-9]*:[1-9][0-9]*", users[-1]), "final stage must run as a numeric non-root uid"
     for keyword, value in instructions:
         if keyword != "COPY" or value.startswith("--from="):
             continue
@@ -88,7 +92,9 @@ def test_dockerfile_is_well_formed(image: str, dockerignore: list[str]) -> None:
 
 
 def test_dockerignore_keeps_the_context_small(dockerignore: list[str]) -> None:
-    for path in (".venv/bin/python", ".git/HEAD", "tests/dino_ctl/test_chart.py", "runs/x/ckpt", "dino_ctl/__pycache__/a.pyc"):
+    excluded = (".venv/bin/python", ".git/HEAD", "tests/dino_ctl/test_chart.py", "runs/x/ckpt",
+                "dino_ctl/__pycache__/a.pyc")
+    for path in excluded:
         assert _ignored(path, dockerignore), path
     for path in ("pyproject.toml", "constraints.txt", "dino_ctl/spec.py", "trainer/train.py", "curation/__init__.py"):
         assert not _ignored(path, dockerignore), path

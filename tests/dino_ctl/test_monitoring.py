@@ -78,7 +78,8 @@ def test_prometheus_rule_scoped_to_an_experiment(validator: ObjectValidator) -> 
     assert rule["spec"]["groups"] == alert_rule_groups(thresholds, experiment="demo")
     rules = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
     assert set(rules) == {"DinoTrainingStalled", "DinoLossNotFinite", "DinoCheckpointStale", "DinoStageRestartStorm"}
-    assert "(increase(dino_train_iterations_total{experiment=\"demo\"}[20m])) == 0" in rules["DinoTrainingStalled"]["expr"]
+    stalled = rules["DinoTrainingStalled"]["expr"]
+    assert '(increase(dino_train_iterations_total{experiment="demo"}[20m])) == 0' in stalled
     assert rules["DinoCheckpointStale"]["expr"].endswith("> 1800")
     assert rules["DinoStageRestartStorm"]["expr"].endswith("> 5")
     for name, alert in rules.items():
@@ -135,7 +136,7 @@ def test_dcgm_panels_join_on_namespace_and_pod() -> None:
         assert '"exported_pod"' in query and '"exported_namespace"' in query
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not found: install the Debian package 'prometheus'")
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not found: install Debian's 'prometheus'")
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     # Grafana substitutes its variables before Prometheus sees a query; promtool parses every query as a rule.
     substitutions = {"$__rate_interval": "1m", "$namespace": "ml", "$experiment": "demo", "$stage": ".*"}

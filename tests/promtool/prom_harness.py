@@ -202,7 +202,9 @@ class PrometheusServer:
         targets = "; ".join(
             f"{t['scrapeUrl']} {t['health']} {t['lastError']}".strip() for t in self.api("targets")["activeTargets"]
         )
-        raise PrometheusError(f"{promql!r} not satisfied after {timeout:.0f}s; last result {result}; targets: {targets}")
+        raise PrometheusError(
+            f"{promql!r} not satisfied after {timeout:.0f}s; last result {result}; targets: {targets}"
+        )
 
     def __enter__(self) -> PrometheusServer:
         return self.start()

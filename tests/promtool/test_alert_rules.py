@@ -22,9 +22,8 @@ pytestmark = pytest.mark.skipif(
 
 def _promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     # promtool prints failures on stderr: merge both streams so assertions see the whole report.
-    return subprocess.run(
-        [PROMTOOL, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120, check=False
-    )
+    return subprocess.run([PROMTOOL, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=120, check=False)
 
 
 def _write_rules(directory: Path, groups: list[dict]) -> Path:
