@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -126,11 +127,13 @@ class KubeClient:
         """A client for the current kubeconfig context (or ``context``), else the in-cluster service account."""
         from kubernetes import config
 
+        # Read KUBECONFIG now: the kubernetes package reads it once, at import time.
+        path = os.environ.get("KUBECONFIG") or None
         try:
-            contexts, active = config.list_kube_config_contexts()
+            contexts, active = config.list_kube_config_contexts(config_file=path)
             chosen = next((c for c in contexts if c["name"] == context), active) if context else active
             namespace = (chosen or {}).get("context", {}).get("namespace", "default")
-            return cls(config.new_client_from_config(context=context), namespace=namespace)
+            return cls(config.new_client_from_config(config_file=path, context=context), namespace=namespace)
         except config.ConfigException as exc:
             try:
                 config.load_incluster_config()
@@ -160,14 +163,17 @@ class KubeClient:
         response = self._call(verb, target, method, path, header_params=headers, **kwargs)
         return json.loads(response.data or b"{}")
 
-    def apply(self, obj: Mapping[str, Any], *, field_manager: str = FIELD_MANAGER) -> dict[str, Any]:
-        """Server-side apply ``obj`` (create or update the fields this manager owns); returns the live object."""
+    def apply(self, obj: Mapping[str, Any], *, field_manager: str = FIELD_MANAGER, dry_run: bool = False) -> dict:
+        """Server-side apply ``obj`` (create or update the fields this manager owns); returns the live object.
+
+        ``dry_run`` asks the API server to validate and admit the object without storing it.
+        """
         resource = resource_for(obj["apiVersion"], obj["kind"])
         meta = obj["metadata"]
         namespace = meta.get("namespace") or (self.namespace if resource.namespaced else None)
         body = {**obj, "metadata": {**meta, **({"namespace": namespace} if resource.namespaced else {})}}
         path = object_path(resource, namespace=namespace, name=meta["name"])
-        query = [("fieldManager", field_manager), ("force", "true")]
+        query = [("fieldManager", field_manager), ("force", "true"), *([("dryRun", "All")] if dry_run else [])]
         headers = {"Content-Type": "application/apply-patch+yaml"}
         return self._json("apply", _target(body), "PATCH", path, query_params=query, header_params=headers, body=body)
 

@@ -128,6 +128,9 @@ def _handler(state: FakeApiServer) -> type[BaseHTTPRequestHandler]:
                     self._status(415, "UnsupportedMediaType", "only server-side apply is supported here")
                     return
                 live = state.objects.get(url.path)
+                if query.get("dryRun") == "All":  # admitted, not stored
+                    self._send(200, _merge(live or {}, body))
+                    return
                 obj = state.add(body, url.path) if live is None else _merge(live, body)
                 state.objects[url.path] = obj
                 self._send(200, obj)

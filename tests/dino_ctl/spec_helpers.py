@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ def experiment(doc: dict[str, Any] | None = None, **spec_overrides: Any) -> Dino
     return parsed
 
 
+@functools.cache
 def object_validator() -> Any:
     """The strict offline validator (built-in kinds + upstream CRDs + dino-ctl's CRD); skips without the CRDs."""
     from dino_ctl.controller.validate import ObjectValidator, find_k8s_schemas
