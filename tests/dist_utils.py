@@ -9,9 +9,10 @@ Usage::
     def test_something(tmp_path):
         results = run_distributed(_check, world_size=2, args=(str(tmp_path),))   # [rank0 value, rank1 value]
 
-Each worker gets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` set, a gloo default process
-group already initialised (destroyed after the function returns) and one intra-op thread (the CI machine has two
-cores). An exception in any rank fails the call with that rank's traceback; a hang fails it after ``timeout_s``.
+Each worker gets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` set, a default process group
+already initialised (gloo unless ``backend`` says otherwise; destroyed after the function returns) and one intra-op
+thread (the CI machine has two cores). An exception in any rank fails the call with that rank's traceback; a hang
+fails it after ``timeout_s``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def _worker(
     args: Sequence[Any],
     result_dir: str,
     timeout_s: float,
+    backend: str,
 ) -> None:
     os.environ.update(
         {
@@ -60,8 +62,10 @@ def _worker(
         }
     )
     torch.set_num_threads(1)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     dist.init_process_group(
-        "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s)
+        backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s)
     )
     try:
         result = fn(rank, world_size, *args)
@@ -77,11 +81,14 @@ def run_distributed(
     world_size: int = 2,
     args: Sequence[Any] = (),
     timeout_s: float = 120.0,
+    backend: str = "gloo",
     start_method: str = "spawn",
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes; return the per-rank results in rank order.
 
     ``fn`` and ``args`` must be picklable (a module-level function) with the default ``spawn`` start method.
+    ``backend`` is passed to ``init_process_group`` (``"cpu:gloo,cuda:nccl"`` for GPU tests; each rank then uses
+    CUDA device ``rank % device_count``).
     Raises ``torch.multiprocessing.ProcessRaisedException`` (carrying the failing rank's traceback) when a rank
     raises, ``ProcessExitedException`` when one dies, and ``TimeoutError`` when the group is still running after
     ``timeout_s`` seconds (all ranks are killed first).
@@ -91,7 +98,7 @@ def run_distributed(
     with tempfile.TemporaryDirectory(prefix="dist-test-") as result_dir:
         context = mp.start_processes(
             _worker,
-            args=(fn, world_size, find_free_port(), tuple(args), result_dir, timeout_s),
+            args=(fn, world_size, find_free_port(), tuple(args), result_dir, timeout_s, backend),
             nprocs=world_size,
             join=False,
             start_method=start_method,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import warnings
@@ -136,6 +137,14 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
+def _extras_json(extras: Mapping[str, Any]) -> str:
+    payload = {key: value if isinstance(value, dict) else value.state_dict() for key, value in extras.items()}
+    try:
+        return json.dumps(payload, default=_json_default)
+    except TypeError as error:
+        raise TypeError(f"state: per-rank entries {sorted(extras)} must be JSON-serialisable: {error}") from error
+
+
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
     return "file" in protocols or "local" in protocols
@@ -239,11 +248,13 @@ class CheckpointManager:
         sharded, extras = _split_state(state)
         self.wait()
         started = time.monotonic()
+        extras_json = _extras_json(extras)  # a value JSON cannot hold fails here, before storage is touched
         path = self.path_for(iteration)
         if not self._prepare_directory(path):
             logger.info("checkpoint %s is already complete; not rewriting it", path)
             return time.monotonic() - started
-        self._write_extras(path, extras)
+        with self._fs.open(f"{self._local(path)}/extra-rank{self.rank:05d}.json", "w") as handle:
+            handle.write(extras_json)
         tensors = {key: value.state_dict() for key, value in sharded.items()}
         if blocking or not self.config.async_save:
             dcp.save(tensors, storage_writer=_storage(path, reader=False), process_group=self._group)
@@ -282,6 +293,7 @@ class CheckpointManager:
         """Rank 0 removes a stale incomplete directory; False (on all ranks) when ``path`` is already complete."""
         complete = False
         if self.rank == 0:
+            self._fs.invalidate_cache()  # object-store listings are cached per filesystem instance
             local = self._local(path)
             complete = self._fs.exists(f"{local}/{layout.COMPLETE_MARKER}")
             if not complete and self._fs.exists(local):
@@ -291,17 +303,6 @@ class CheckpointManager:
                 self._fs.makedirs(local, exist_ok=True)
         complete = self._broadcast(complete)
         return not complete
-
-    def _write_extras(self, path: str, extras: Mapping[str, Any]) -> None:
-        payload = {
-            key: value if isinstance(value, dict) else value.state_dict() for key, value in extras.items()
-        }
-        try:
-            text = json.dumps(payload, default=_json_default)
-        except TypeError as error:
-            raise TypeError(f"state: per-rank entries {sorted(extras)} must be JSON-serialisable: {error}") from error
-        with self._fs.open(f"{self._local(path)}/extra-rank{self.rank:05d}.json", "w") as handle:
-            handle.write(text)
 
     def _publish(self, path: str, iteration: int, meta: dict[str, Any], started: float) -> None:
         """After every rank's files are written, rank 0 writes COMPLETE.json last and applies retention."""
@@ -318,17 +319,21 @@ class CheckpointManager:
 
     def _write_marker(self, local_dir: str, text: str) -> None:
         marker = f"{local_dir}/{layout.COMPLETE_MARKER}"
-        if _is_local(self._fs):
-            # rename is atomic on a POSIX filesystem: readers never see a half-written marker.
-            self._fs.pipe_file(marker + ".tmp", text.encode())
-            self._fs.mv(marker + ".tmp", marker)
-        else:
+        if not _is_local(self._fs):
             self._fs.pipe_file(marker, text.encode())  # one PUT: object stores publish whole objects
+            return
+        # Durable, then renamed: readers never see a partial marker, and it never outlives a lost write.
+        with open(marker + ".tmp", "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(marker + ".tmp", marker)
 
     # ---------------------------------------------------------------- find and load
 
     def latest(self) -> layout.CheckpointInfo | None:
         """The newest complete checkpoint of this stage (rank 0's view, shared with all ranks)."""
+        self._fs.invalidate_cache()
         return self._broadcast(layout.latest_complete(self.directory) if self.rank == 0 else None)
 
     def load_latest(self, state: Mapping[str, Any]) -> int | None:
@@ -396,6 +401,7 @@ class CheckpointManager:
         """
         if self.rank != 0:
             return []
+        self._fs.invalidate_cache()
         found = layout.list_checkpoints(self.directory)
         complete = [info for info in found if info.complete]
         if not complete:

@@ -18,7 +18,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.multiprocessing.spawn import ProcessException
 
 from tests.dist_utils import run_distributed
-from trainer.checkpoint import CheckpointManager, OptimizerState
+from trainer.checkpoint import CheckpointManager, OptimizerState, load_model_weights
 from trainer.config import CheckpointConfig
 from trainer.rng import RNGState
 
@@ -109,7 +109,16 @@ def _load_single_process_checkpoint(rank: int, world_size: int, directory: str) 
     assert manager.load_latest({"student": model, "optimizer": optimizer, "progress": progress,
                                 "rng": RNGState()}) == 5
     manager.close()
-    return {"state": _snapshot(model, optimizer), "progress": progress, "draw": torch.rand(3)}
+    draw = torch.rand(3)
+    # Stage init (highres): the same weights into a sharded model with a longer position embedding.
+    highres = _shard(toy_ssl_model(seed=4, num_tokens=8), world_size)
+    assert load_model_weights(directory, {"student": highres}, resize=_stretch) == {}
+    return {"state": _snapshot(model, optimizer), "progress": progress, "draw": draw,
+            "highres": get_model_state_dict(highres, options=FULL)}
+
+
+def _stretch(key: str, tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return torch.nn.functional.interpolate(tensor.transpose(1, 2), size=shape[1], mode="linear").transpose(1, 2)
 
 
 def test_sharded_checkpoint_reloads_exactly_on_two_ranks_and_resharded_in_one(tmp_path: Path) -> None:
@@ -147,6 +156,12 @@ def test_single_process_checkpoint_loads_sharded_on_two_ranks(tmp_path: Path) ->
         _assert_same(rank["state"], expected, "upscaled")
         assert rank["progress"] == {"iteration": 5}
     assert torch.equal(ranks[0]["draw"], rank0_draw)
+    highres = ranks[0]["highres"]
+    torch.testing.assert_close(highres["backbone.pos_embed"], _stretch("", model["backbone"].pos_embed.detach(),
+                                                                       torch.Size([1, 8, 16])))
+    for name, value in model.state_dict().items():
+        if name != "backbone.pos_embed":
+            assert torch.equal(highres[name], value), name
     assert not torch.equal(ranks[1]["draw"], rank0_draw)  # rank 1 got rank 0's RNG file and reseeded
 
 
