@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from dino_ctl.controller.__main__ import parse_args
@@ -74,3 +77,11 @@ def test_entry_point_rejects_bad_options(argv: list[str], message: str, capsys: 
         parse_args(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_controller_import_path_is_torch_free() -> None:
+    # The controller image has no torch (docker/controller.Dockerfile checks the same at build time).
+    code = ("import sys, dino_ctl.controller.__main__, dino_ctl.controller.handlers, dino_ctl.controller.manifests; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'streaming')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "[]"
