@@ -74,13 +74,16 @@ class RestartCounts:
         return replace(self, **{reason.value: getattr(self, reason.value) + 1})
 
     def get(self, reason: Reason) -> int:
+        """The count of ``reason``."""
         return int(getattr(self, reason.value))
 
     @property
     def total(self) -> int:
+        """Resubmissions for any reason (the attempt number of the next submission)."""
         return self.failure + self.preemption + self.eviction
 
     def to_json(self) -> str:
+        """The annotation value."""
         return json.dumps({"failure": self.failure, "preemption": self.preemption, "eviction": self.eviction})
 
     @classmethod
@@ -227,6 +230,26 @@ def _attempt(obj: Mapping[str, Any]) -> int:
         return 0
 
 
+def _is_experiment_object(obj: Mapping[str, Any], experiment: str) -> bool:
+    labels = _meta(obj).get("labels") or {}
+    is_resource = obj.get("kind") == "DinoExperiment" and _meta(obj).get("name") == experiment
+    return labels.get(LABEL_EXPERIMENT) == experiment or is_resource
+
+
+def _stage_fields(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """What one job or stage ConfigMap contributes to its :class:`StageObservation` (empty for other objects)."""
+    kind = obj.get("kind")
+    annotations = _meta(obj).get("annotations") or {}
+    if kind in JOB_KINDS:
+        return {"job_kind": kind, "job_name": _meta(obj).get("name"), "job_uid": _meta(obj).get("uid"),
+                "phase": _job_phase(kind, obj), "conditions": _conditions(obj.get("status") or {}),
+                "attempt": _attempt(obj)}
+    if kind == "ConfigMap" and ANNOTATION_RESTARTS in annotations:
+        return {"restarts": RestartCounts.from_json(annotations.get(ANNOTATION_RESTARTS)),
+                "counted_job_uid": annotations.get(ANNOTATION_COUNTED_JOB)}
+    return {}
+
+
 def observe(
     objects: Iterable[Mapping[str, Any]],
     *,
@@ -240,31 +263,15 @@ def observe(
     record (ConfigMap or DinoExperiment; annotation ``dino-ctl.io/cancel-requested``). ``checkpoints`` maps a stage to
     the iteration of its newest complete checkpoint (None: none) when the caller read storage.
     """
-    objects = list(objects)
+    mine = [obj for obj in objects if _is_experiment_object(obj, experiment)]
+    cancel = any((_meta(obj).get("annotations") or {}).get(ANNOTATION_CANCEL) == "true" for obj in mine)
     stages: dict[str, dict[str, Any]] = {}
-    cancel = False
-    for obj in objects:
-        labels = _meta(obj).get("labels") or {}
-        annotations = _meta(obj).get("annotations") or {}
-        if labels.get(LABEL_EXPERIMENT) != experiment and not (
-            obj.get("kind") == "DinoExperiment" and _meta(obj).get("name") == experiment
-        ):
-            continue
-        if annotations.get(ANNOTATION_CANCEL) == "true":
-            cancel = True
-        stage = labels.get(LABEL_STAGE)
-        kind = obj.get("kind")
-        if stage is None:
-            continue
-        entry = stages.setdefault(stage, {"stage": stage})
-        if kind in JOB_KINDS:
-            status = obj.get("status") or {}
-            entry.update(job_kind=kind, job_name=_meta(obj).get("name"), job_uid=_meta(obj).get("uid"),
-                         phase=_job_phase(kind, obj), conditions=_conditions(status), attempt=_attempt(obj))
-        elif kind == "ConfigMap" and ANNOTATION_RESTARTS in annotations:
-            entry["restarts"] = RestartCounts.from_json(annotations.get(ANNOTATION_RESTARTS))
-            entry["counted_job_uid"] = annotations.get(ANNOTATION_COUNTED_JOB)
-    for obj in objects:  # pods second: only those of the current attempt of their stage's job count
+    for obj in mine:
+        stage = (_meta(obj).get("labels") or {}).get(LABEL_STAGE)
+        fields = _stage_fields(obj)
+        if stage is not None and fields:
+            stages.setdefault(stage, {"stage": stage}).update(fields)
+    for obj in mine:  # pods second: only those of the current attempt of their stage's job count
         stage = _stage_of(obj, experiment)
         if obj.get("kind") != "Pod" or stage not in stages or _attempt(obj) != stages[stage].get("attempt", 0):
             continue

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from dino_ctl.errors import KubeError, SpecErrors
+from dino_ctl.errors import KubeError, SpecError, SpecErrors
 from dino_ctl.kube import KubeClient
 from dino_ctl.naming import ANNOTATION_CANCEL, child_name
 from dino_ctl.observe import JOB_KINDS, Observed, observe
@@ -105,16 +105,10 @@ def reconcile_once(client: KubeClient, experiment: DinoExperiment, *, retry_fail
 def submit(client: KubeClient, experiment: DinoExperiment) -> Pass:
     """Record the experiment in the cluster (its spec, for any later ``status``/``resume``) and start it."""
     if experiment.spec.backend == "local":
-        raise SpecErrors([_local_error(experiment)])
+        allowed = "pytorchjob, trainjob or torchx to submit to a cluster (`dino-ctl run` runs backend local here)"
+        raise SpecErrors([SpecError("spec.backend", "local", allowed)])
     client.apply(render_experiment_record(experiment))
     return reconcile_once(client, experiment)
-
-
-def _local_error(experiment: DinoExperiment) -> Exception:
-    from dino_ctl.errors import SpecError
-
-    return SpecError("spec.backend", experiment.spec.backend, "pytorchjob, trainjob or torchx to submit to a cluster "
-                     "(`dino-ctl run` runs backend local on this machine)")
 
 
 def load_experiment(client: KubeClient, name: str, *, namespace: str | None = None) -> DinoExperiment:

@@ -1,4 +1,4 @@
-"""JSON Schema and the ``DinoExperiment`` CustomResourceDefinition, both generated from the models in :mod:`dino_ctl.spec`.
+"""JSON Schema and the ``DinoExperiment`` CustomResourceDefinition, generated from the models in :mod:`dino_ctl.spec`.
 
 The CRD's ``openAPIV3Schema`` must be *structural* (what the API server requires): no ``$ref``, a ``type`` on every
 node, no ``additionalProperties`` beside ``properties``, nullability as ``nullable: true``. :func:`structural`
@@ -98,7 +98,7 @@ def _open_api_schema() -> dict[str, Any]:
 
 
 def crd_manifest() -> dict[str, Any]:
-    """The ``dinoexperiments.dino-ctl.io`` CustomResourceDefinition (apiextensions.k8s.io/v1) with status subresource."""
+    """The ``dinoexperiments.dino-ctl.io`` CustomResourceDefinition (apiextensions.k8s.io/v1), status subresource."""
     version = API_VERSION.split("/", 1)[1]
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

@@ -368,10 +368,12 @@ class DinoExperiment(SpecModel):
 
     @property
     def name(self) -> str:
+        """``metadata.name``."""
         return self.metadata.name
 
     @property
     def namespace(self) -> str:
+        """``metadata.namespace``."""
         return self.metadata.namespace
 
     def to_document(self) -> dict[str, Any]:

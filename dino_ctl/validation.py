@@ -48,11 +48,13 @@ def _graph_errors(experiment: DinoExperiment) -> Iterator[SpecError]:
     names = [stage.name for stage in stages]
     for i, stage in enumerate(stages):
         if stage.name in names[:i]:
-            yield SpecError(f"spec.stages[{i}].name", stage.name, f"a name no other stage uses (stages[{names.index(stage.name)}])")
+            first = names.index(stage.name)
+            yield SpecError(f"spec.stages[{i}].name", stage.name, f"a name no other stage uses (stages[{first}])")
     for i, stage in enumerate(stages):
         others = ", ".join(dict.fromkeys(n for n in names if n != stage.name)) or "no other stage exists"
         refs = [(f"after[{k}]", name) for k, name in enumerate(stage.after)]
-        refs += [(field, ref.from_) for field, ref in (("init.from", stage.init), ("teacher.from", stage.teacher)) if ref]
+        links = (("init.from", stage.init), ("teacher.from", stage.teacher))
+        refs += [(field, ref.from_) for field, ref in links if ref is not None]
         for field, name in refs:
             if name == stage.name or name not in names:
                 yield SpecError(f"spec.stages[{i}].{field}", name, f"the name of another stage: {others}")
@@ -95,7 +97,8 @@ def _resource_errors(experiment: DinoExperiment, backend: str) -> Iterator[SpecE
             yield SpecError(
                 path,
                 {"min": nodes.min, "max": nodes.max},
-                "min == max for backend trainjob (Kubeflow Trainer v2 has no elastic resizing; use pytorchjob or torchx)",
+                "min == max for backend trainjob "
+                "(Kubeflow Trainer v2 has no elastic resizing; use pytorchjob or torchx)",
             )
     resources = spec.resources
     if resources.gpus_per_node and resources.num_procs_per_node > resources.gpus_per_node:
@@ -113,7 +116,8 @@ def _storage_errors(experiment: DinoExperiment, backend: str) -> Iterator[SpecEr
         yield SpecError(
             "spec.storage.checkpoints",
             spec.storage.checkpoints,
-            f"s3://, gs:// or pvc:// for backend {backend}: file:// is pod-local disk, so a restart would lose progress",
+            f"s3://, gs:// or pvc:// for backend {backend}: "
+            "file:// is pod-local disk, so a restart would lose progress",
         )
     for i, env in enumerate(spec.env):
         if (env.value is None) == (env.secret_key_ref is None):
@@ -131,7 +135,8 @@ def _child_name_errors(experiment: DinoExperiment) -> Iterator[SpecError]:
     for i, stage in enumerate(experiment.spec.stages):
         name = child_name(experiment.name, stage.name)
         if name in seen:  # only reachable through a hash collision of two truncated names
-            yield SpecError(f"spec.stages[{i}].name", stage.name, f"a name whose job name {name} differs from stages[{seen[name]}]")
+            allowed = f"a name whose job name {name} differs from stages[{seen[name]}]"
+            yield SpecError(f"spec.stages[{i}].name", stage.name, allowed)
         seen[name] = i
 
 

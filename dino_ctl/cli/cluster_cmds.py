@@ -11,7 +11,17 @@ from typing import Annotated, Any
 
 import typer
 
-from dino_ctl.cli.output import OutputFormat, OutputOption, console, emit, fail, fail_spec, load_spec_or_exit, table, yaml_stream
+from dino_ctl.cli.output import (
+    OutputFormat,
+    OutputOption,
+    console,
+    emit,
+    fail,
+    fail_spec,
+    load_spec_or_exit,
+    table,
+    yaml_stream,
+)
 from dino_ctl.errors import DinoCtlError, SpecError, SpecErrors
 
 __all__ = ["register"]
@@ -21,7 +31,7 @@ NamespaceOption = Annotated[str | None, typer.Option("--namespace", "-n", help="
 ContextOption = Annotated[str | None, typer.Option("--context", help="kubeconfig context (default: current).")]
 WaitOption = Annotated[bool, typer.Option("--wait", help="Keep reconciling until the experiment ends.")]
 PollOption = Annotated[float, typer.Option("--poll-seconds", min=0.0, help="Seconds between passes with --wait.")]
-TimeoutOption = Annotated[float | None, typer.Option("--timeout", min=0.0, help="Stop waiting after this many seconds.")]
+TimeoutOption = Annotated[float | None, typer.Option("--timeout", min=0.0, help="Stop waiting after N seconds.")]
 
 
 def _client(context: str | None, output: OutputFormat) -> Any:
@@ -66,6 +76,23 @@ def _print_pass(experiment: Any, result: Any, output: OutputFormat) -> None:
         console.print(f"  -> {action['kind']} {action['stage'] or ''} {action['reason']} {action['message']}".rstrip())
 
 
+def _print_dry_run(experiment: Any, output: OutputFormat) -> None:
+    """What a submission would apply now: the record, then each stage the planner starts first."""
+    from dino_ctl.observe import observe
+    from dino_ctl.plan import ActionKind, plan
+    from dino_ctl.render import render_stage
+    from dino_ctl.render.common import render_experiment_record
+
+    objects = [render_experiment_record(experiment)]
+    for action in plan(experiment, observe([], experiment=experiment.name)):
+        if action.kind == ActionKind.SUBMIT and action.stage is not None:
+            objects += render_stage(experiment, action.stage, attempt=action.attempt)
+    if output == OutputFormat.JSON:
+        emit({"apiVersion": "v1", "kind": "List", "items": objects})
+    else:
+        typer.echo(yaml_stream(objects), nl=False)
+
+
 def submit(
     spec_path: Annotated[Path, typer.Argument(help="DinoExperiment spec (YAML).", show_default=False)],
     wait: WaitOption = False,
@@ -77,24 +104,13 @@ def submit(
 ) -> None:
     """Validate, record the experiment in the cluster and start its first stages (with --wait: all of them)."""
     from dino_ctl import reconcile
-    from dino_ctl.observe import observe
-    from dino_ctl.plan import ActionKind, plan
-    from dino_ctl.render import render_stage
-    from dino_ctl.render.common import render_experiment_record
 
     experiment = load_spec_or_exit(spec_path, output)
     if experiment.spec.backend == "local":
         fail_spec(SpecError("spec.backend", "local", "pytorchjob, trainjob or torchx to submit to a cluster; "
                             "`dino-ctl run` runs backend local on this machine"), output, source=str(spec_path))
     if dry_run:
-        actions = plan(experiment, observe([], experiment=experiment.name))
-        objects = [render_experiment_record(experiment)]
-        for action in (a for a in actions if a.kind == ActionKind.SUBMIT):
-            objects += render_stage(experiment, action.stage, attempt=action.attempt)
-        if output == OutputFormat.JSON:
-            emit({"apiVersion": "v1", "kind": "List", "items": objects})
-        else:
-            typer.echo(yaml_stream(objects), nl=False)
+        _print_dry_run(experiment, output)
         return
     client = _client(context, output)
     try:

@@ -10,7 +10,16 @@ from typing import Annotated, Any
 import typer
 import yaml
 
-from dino_ctl.cli.output import OutputFormat, OutputOption, console, emit, fail_spec, load_spec_or_exit, table, yaml_stream
+from dino_ctl.cli.output import (
+    OutputFormat,
+    OutputOption,
+    console,
+    emit,
+    fail_spec,
+    load_spec_or_exit,
+    table,
+    yaml_stream,
+)
 from dino_ctl.errors import SpecError
 
 __all__ = ["register"]

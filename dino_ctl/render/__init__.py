@@ -31,7 +31,9 @@ def _effective_backend(experiment: DinoExperiment, backend: str | None) -> str:
     return "pytorchjob" if chosen == "local" else chosen
 
 
-def render_job(experiment: DinoExperiment, stage: str, *, backend: str | None = None, attempt: int = 0) -> dict[str, Any]:
+def render_job(
+    experiment: DinoExperiment, stage: str, *, backend: str | None = None, attempt: int = 0
+) -> dict[str, Any]:
     """The job object of one stage for ``backend`` (default: the spec's)."""
     config = stage_train_config(experiment, stage)
     chosen = _effective_backend(experiment, backend)

@@ -124,7 +124,9 @@ def trainer_volumes(experiment: DinoExperiment, stage: str) -> list[dict[str, An
         {"name": "config", "configMap": {"name": config_map_name(experiment, stage)}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shm_size}},
     ]
-    volumes += [{"name": f"pvc-{claim}"[:63], "persistentVolumeClaim": {"claimName": claim}} for claim in pvc_claims(experiment)]
+    volumes += [
+        {"name": f"pvc-{claim}"[:63], "persistentVolumeClaim": {"claimName": claim}} for claim in pvc_claims(experiment)
+    ]
     credentials = spec.storage.credentials
     if credentials is not None and credentials.mount == "file":
         volumes.append({"name": "storage-credentials", "secret": {"secretName": credentials.secret_name}})

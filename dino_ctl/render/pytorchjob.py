@@ -53,11 +53,27 @@ def trainer_container(experiment: DinoExperiment, stage: str, config: TrainConfi
     return container
 
 
-def render_pytorchjob(experiment: DinoExperiment, stage: str, config: TrainConfig, *, attempt: int = 0) -> dict[str, Any]:
+def _elastic_policy(experiment: DinoExperiment, stage: str) -> dict[str, Any]:
+    nodes = experiment.spec.stage_nodes(stage)
+    return {
+        "rdzvBackend": "c10d",
+        "rdzvId": child_name(experiment.name, stage),
+        "minReplicas": nodes.min,
+        "maxReplicas": nodes.max,
+        "maxRestarts": experiment.spec.failure_budget.elastic_restarts,
+        "rdzvConf": [
+            {"key": "join_timeout", "value": str(JOIN_TIMEOUT_SECONDS)},
+            {"key": "last_call_timeout", "value": str(LAST_CALL_TIMEOUT_SECONDS)},
+        ],
+    }
+
+
+def render_pytorchjob(
+    experiment: DinoExperiment, stage: str, config: TrainConfig, *, attempt: int = 0
+) -> dict[str, Any]:
     """The stage's PyTorchJob. Created suspended when a Kueue queue is set (Kueue admits by unsuspending)."""
     spec = experiment.spec
     nodes = spec.stage_nodes(stage)
-    name = child_name(experiment.name, stage)
     run_policy: dict[str, Any] = {
         "cleanPodPolicy": "Running",
         # Gang scheduling (Volcano / scheduler-plugins): never start fewer pods than torchrun needs.
@@ -70,30 +86,17 @@ def render_pytorchjob(experiment: DinoExperiment, stage: str, config: TrainConfi
         "containers": [trainer_container(experiment, stage, config, name="pytorch")],
         "volumes": trainer_volumes(experiment, stage),
     }
+    template = {"metadata": {"labels": pod_labels(experiment, stage, attempt)}, "spec": pod_spec}
     return {
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
         "metadata": job_metadata(experiment, stage, attempt),
         "spec": {
-            "elasticPolicy": {
-                "rdzvBackend": "c10d",
-                "rdzvId": name,
-                "minReplicas": nodes.min,
-                "maxReplicas": nodes.max,
-                "maxRestarts": spec.failure_budget.elastic_restarts,
-                "rdzvConf": [
-                    {"key": "join_timeout", "value": str(JOIN_TIMEOUT_SECONDS)},
-                    {"key": "last_call_timeout", "value": str(LAST_CALL_TIMEOUT_SECONDS)},
-                ],
-            },
+            "elasticPolicy": _elastic_policy(experiment, stage),
             "nprocPerNode": str(spec.resources.num_procs_per_node),
             "runPolicy": run_policy,
             "pytorchReplicaSpecs": {
-                "Worker": {
-                    "replicas": nodes.max,
-                    "restartPolicy": "ExitCode",
-                    "template": {"metadata": {"labels": pod_labels(experiment, stage, attempt)}, "spec": pod_spec},
-                }
+                "Worker": {"replicas": nodes.max, "restartPolicy": "ExitCode", "template": template}
             },
         },
     }

@@ -80,7 +80,9 @@ def _dryrun(app: AppDef, scheduler: str, cfg: dict[str, Any]) -> Any:
         return runner.dryrun(app, scheduler, cfg=cfg).request
 
 
-def _complete_pod(experiment: DinoExperiment, stage: str, config: TrainConfig, pod: dict[str, Any], attempt: int) -> None:
+def _complete_pod(
+    experiment: DinoExperiment, stage: str, config: TrainConfig, pod: dict[str, Any], attempt: int
+) -> None:
     """Add dino-ctl's labels, volumes, env and placement to one pod template of the Volcano job (in place)."""
     pod["metadata"].setdefault("labels", {}).update(pod_labels(experiment, stage, attempt))
     spec = pod["spec"]
@@ -125,7 +127,9 @@ def render_volcano_job(
     return resource
 
 
-def render_torchx_local(experiment: DinoExperiment, stage: str, config: TrainConfig, *, config_path: str) -> dict[str, Any]:
+def render_torchx_local(
+    experiment: DinoExperiment, stage: str, config: TrainConfig, *, config_path: str
+) -> dict[str, Any]:
     """What ``local_cwd`` would run for the stage: one entry per process group (command, env), no cluster object."""
     request = _dryrun(torchx_appdef(experiment, stage, config, config_path=config_path), "local_cwd", {})
     replicas = [

@@ -106,22 +106,15 @@ def _pod_failure_policy() -> dict[str, Any]:
     }
 
 
-def render_cluster_training_runtime(experiment: DinoExperiment, *, metrics_port: int | None = None) -> dict[str, Any]:
-    """The project's ClusterTrainingRuntime named ``spec.trainJob.runtime`` (cluster-scoped, installed once)."""
-    spec = experiment.spec
-    port = metrics_port or spec.monitoring.port
-    policy: dict[str, Any] = {}
-    if spec.train_job.gang_scheduler == "coscheduling":
-        policy = {"podGroupPolicy": {"coscheduling": {"scheduleTimeoutSeconds": _COSCHEDULING_TIMEOUT_SECONDS}}}
-    elif spec.train_job.gang_scheduler == "volcano":
-        policy = {"podGroupPolicy": {"volcano": {}}}
+def _node_job(port: int, image: str) -> dict[str, Any]:
+    """The runtime's replicated job ``node``: the trainer container and the pod failure policy."""
     container = {
         "name": REPLICATED_JOB,
-        "image": spec.image,  # replaced by each TrainJob's spec.trainer.image
+        "image": image,  # replaced by each TrainJob's spec.trainer.image
         "command": list(TRAINER_COMMAND),
         "ports": [{"name": "metrics", "containerPort": port, "protocol": "TCP"}],
     }
-    job = {
+    return {
         "name": REPLICATED_JOB,
         "template": {
             # Trainer applies spec.trainer (image, command, numNodes, PET_* env) to the job with this ancestor label.
@@ -132,6 +125,20 @@ def render_cluster_training_runtime(experiment: DinoExperiment, *, metrics_port:
                 "template": {"spec": {"restartPolicy": "Never", "containers": [container]}},
             },
         },
+    }
+
+
+def render_cluster_training_runtime(experiment: DinoExperiment, *, metrics_port: int | None = None) -> dict[str, Any]:
+    """The project's ClusterTrainingRuntime named ``spec.trainJob.runtime`` (cluster-scoped, installed once)."""
+    spec = experiment.spec
+    policy: dict[str, Any] = {}
+    if spec.train_job.gang_scheduler == "coscheduling":
+        policy = {"podGroupPolicy": {"coscheduling": {"scheduleTimeoutSeconds": _COSCHEDULING_TIMEOUT_SECONDS}}}
+    elif spec.train_job.gang_scheduler == "volcano":
+        policy = {"podGroupPolicy": {"volcano": {}}}
+    failure_policy = {
+        "maxRestarts": spec.failure_budget.elastic_restarts,
+        "rules": [{"name": "trainer-error", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]}],
     }
     return {
         "apiVersion": API_VERSION,
@@ -144,16 +151,7 @@ def render_cluster_training_runtime(experiment: DinoExperiment, *, metrics_port:
         "spec": {
             "mlPolicy": {"numNodes": 1, "torch": {}},
             **policy,
-            "template": {
-                "spec": {
-                    "failurePolicy": {
-                        "maxRestarts": spec.failure_budget.elastic_restarts,
-                        "rules": [
-                            {"name": "trainer-error", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]}
-                        ],
-                    },
-                    "replicatedJobs": [job],
-                }
-            },
+            "template": {"spec": {"failurePolicy": failure_policy,
+                                  "replicatedJobs": [_node_job(metrics_port or spec.monitoring.port, spec.image)]}},
         },
     }

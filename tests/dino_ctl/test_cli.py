@@ -1,4 +1,4 @@
-"""The CLI through Typer's CliRunner: exit codes, output, ``--output json``; cluster commands against the fake server."""
+"""The CLI through Typer's CliRunner: exit codes, output, ``--output json``; cluster commands on the fake server."""
 
 from __future__ import annotations
 

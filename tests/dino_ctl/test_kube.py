@@ -12,7 +12,8 @@ from tests.dino_ctl.fake_apiserver import RunningServer
 @pytest.mark.parametrize(("api_version", "kind", "namespace", "name", "path"), [
     ("v1", "ConfigMap", "ml", "x", "/api/v1/namespaces/ml/configmaps/x"),
     ("v1", "Pod", "ml", None, "/api/v1/namespaces/ml/pods"),
-    ("kubeflow.org/v1", "PyTorchJob", "ml", "demo-pretrain", "/apis/kubeflow.org/v1/namespaces/ml/pytorchjobs/demo-pretrain"),
+    ("kubeflow.org/v1", "PyTorchJob", "ml", "demo-pretrain",
+     "/apis/kubeflow.org/v1/namespaces/ml/pytorchjobs/demo-pretrain"),
     ("trainer.kubeflow.org/v1alpha1", "ClusterTrainingRuntime", None, "dino-ctl-torch",
      "/apis/trainer.kubeflow.org/v1alpha1/clustertrainingruntimes/dino-ctl-torch"),
     ("batch.volcano.sh/v1alpha1", "Job", "ml", None, "/apis/batch.volcano.sh/v1alpha1/namespaces/ml/jobs"),

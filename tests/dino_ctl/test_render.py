@@ -195,7 +195,8 @@ def test_volcano_job_is_named_and_gang_scheduled() -> None:
     assert job["metadata"]["name"] == "golden-pretrain" and job["spec"]["minAvailable"] == 1
     assert job["spec"]["queue"] == "research" and len(job["spec"]["tasks"]) == 2
     command = job["spec"]["tasks"][0]["template"]["spec"]["containers"][0]["command"][-1]
-    assert "--nnodes 1:2 --nproc_per_node 8" in command and "-m trainer.train --config /etc/dino-ctl/config.yaml" in command
+    assert "--nnodes 1:2 --nproc_per_node 8" in command
+    assert "-m trainer.train --config /etc/dino-ctl/config.yaml" in command
 
 
 def test_monitoring_objects_follow_the_spec() -> None:

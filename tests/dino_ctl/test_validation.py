@@ -99,7 +99,9 @@ def test_per_stage_nodes_are_checked_with_their_own_range() -> None:
 def test_node_range_min_above_max() -> None:
     doc = document()
     _stage(doc, 1)["nodes"] = {"min": 3, "max": 2}
-    assert _messages(doc) == ["spec.stages[1].nodes.min: invalid value 3; allowed: at most spec.stages[1].nodes.max (2)"]
+    assert _messages(doc) == [
+        "spec.stages[1].nodes.min: invalid value 3; allowed: at most spec.stages[1].nodes.max (2)"
+    ]
 
 
 def test_trainjob_needs_a_fixed_node_count() -> None:
