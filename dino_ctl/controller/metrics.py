@@ -7,12 +7,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
-
-from dino_ctl.observe import Reason
-from dino_ctl.plan import ExperimentPhase
 from trainer.metric_names import CONTROLLER_METRICS
 
 from dino_ctl.controller.status import INVALID_PHASE
+from dino_ctl.observe import Reason
+from dino_ctl.plan import ExperimentPhase
 
 __all__ = ["ERROR_KINDS", "PHASES", "ControllerMetrics"]
 

@@ -21,8 +21,10 @@ from typing import Any
 
 from trainer.metric_names import CONTROLLER_METRICS, TRAINER_METRICS
 
-EXPERIMENT_LABEL = "dino-ctl.io/experiment"
-STAGE_LABEL = "dino-ctl.io/stage"
+from dino_ctl.naming import LABEL_EXPERIMENT, LABEL_STAGE, truncate_name
+
+EXPERIMENT_LABEL = LABEL_EXPERIMENT
+STAGE_LABEL = LABEL_STAGE
 METRICS_PORT_NAME = "metrics"
 # The kube-prometheus-stack Grafana sidecar loads every ConfigMap carrying this label.
 GRAFANA_DASHBOARD_LABEL = {"grafana_dashboard": "1"}
@@ -437,7 +439,7 @@ def render_experiment_monitoring(
     scrape_interval: str = "30s",
 ) -> list[dict[str, Any]]:
     """The PodMonitor and PrometheusRule of one experiment (what ``dino-ctl render`` adds when monitoring is on)."""
-    name = f"{experiment}-dino"[:63].rstrip("-")
+    name = truncate_name(f"{experiment}-dino", 63)  # long names keep a prefix and gain a hash, never collide
     return [
         render_pod_monitor(
             name=name,
