@@ -129,7 +129,8 @@ class Controller:
         self.metrics.count_restarts(experiment.name, result.restarts)
         self.metrics.set_phase(body["metadata"]["uid"], result.status["phase"])
         events = list(result.events)
-        if not previous:  # first pass over this resource: its monitoring objects too (they do not change state)
+        if previous.get("observedGeneration") != body["metadata"].get("generation"):
+            # First pass over this spec: (re)apply its monitoring objects, which no later pass changes.
             events += [Event(type=WARNING, reason="MonitoringNotApplied", message=w)
                        for w in self.executor.apply_monitoring(experiment, body)]
         return Outcome(status=result.status, events=events)

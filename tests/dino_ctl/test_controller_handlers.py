@@ -188,3 +188,25 @@ def test_registry_wires_every_handler() -> None:
     assert sorted(h.id for h in changing) == ["cleanup", "reconcile", "reconcile", "reconcile"]
     (timer,) = registry._spawning.get_all_handlers()
     assert (timer.id, timer.interval) == ("periodic", 20)
+
+
+def test_monitoring_objects_follow_the_spec() -> None:
+    state = FakeApiServer()
+    state.served |= {"podmonitors", "prometheusrules"}
+    with RunningServer(state) as server:
+        harness = Harness(server, _body(monitoring={"release": "kps", "scrapeInterval": "15s"}))
+        assert [e.reason for e in harness.run()] == ["StageSubmitted"]
+        monitor = state.find("PodMonitor", "demo-dino")
+        assert monitor["metadata"]["labels"]["release"] == "kps"
+        assert monitor["metadata"]["ownerReferences"][0]["uid"] == UID
+        assert monitor["spec"]["podMetricsEndpoints"][0]["interval"] == "15s"
+        assert state.find("PrometheusRule", "demo-dino") is not None
+        # A spec change (new generation) re-applies them; an unchanged spec does not touch them.
+        state.requests.clear()
+        harness.run()
+        assert not [r for r in state.requests if "podmonitors" in r.path]
+        harness.body["spec"]["monitoring"]["scrapeInterval"] = "60s"
+        harness.body["metadata"]["generation"] = 2
+        harness.run()
+        assert state.find("PodMonitor", "demo-dino")["spec"]["podMetricsEndpoints"][0]["interval"] == "60s"
+        assert harness.body["status"]["observedGeneration"] == 2
