@@ -110,17 +110,18 @@ class PrometheusServer:
         """Start the server and wait until ``/-/ready`` answers; raise :class:`PrometheusError` with the log tail."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         config_path = self._write_config()
-        for attempt in range(2):  # the free port can be taken between free_port() and the bind
+        attempts = 2  # the free port can be taken between free_port() and the bind: try another once
+        for attempt in range(1, attempts + 1):
             self.port = free_port()
             self._spawn(config_path)
             try:
                 self._wait_ready(timeout)
-                return self
+                break
             except PrometheusError:
                 self.stop()
-                if attempt == 1 or "address already in use" not in self.log_tail():
+                if attempt == attempts or "address already in use" not in self.log_tail():
                     raise
-        raise AssertionError("unreachable")
+        return self
 
     def _spawn(self, config_path: Path) -> None:
         self._log_file = self.log_path.open("ab")
