@@ -23,6 +23,7 @@ from dino_ctl.naming import LABEL_EXPERIMENT
 __all__ = [
     "FIELD_MANAGER",
     "RESOURCES",
+    "STATE_KINDS",
     "KubeClient",
     "Resource",
     "kube_error",

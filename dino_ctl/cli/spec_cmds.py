@@ -86,6 +86,10 @@ def render(
 
     chosen = backend.value if backend else None
     experiment = load_spec_or_exit(spec_path, output, backend=chosen)
+    if chosen is None and experiment.spec.backend == "local":
+        # A local spec renders as the default cluster backend: check it as one (e.g. no file:// checkpoints).
+        chosen = "pytorchjob"
+        experiment = load_spec_or_exit(spec_path, output, backend=chosen)
     if stage is not None and stage not in [s.name for s in experiment.spec.stages]:
         allowed = "one of " + ", ".join(s.name for s in experiment.spec.stages)
         fail_spec(SpecError("--stage", stage, allowed), output, source=str(spec_path))

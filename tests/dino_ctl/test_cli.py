@@ -85,6 +85,13 @@ def test_render_rejects_unknown_stage_and_invalid_backend_combinations() -> None
     assert result.exit_code == 2
 
 
+def test_render_of_a_local_spec_is_checked_as_a_cluster_spec(tmp_path: Path) -> None:
+    doc = document(backend="local", storage={"checkpoints": "file:///runs/demo"})
+    assert runner.invoke(app, ["validate", str(_spec_file(tmp_path, doc))]).exit_code == 0
+    result = runner.invoke(app, ["render", str(_spec_file(tmp_path, doc))])
+    assert result.exit_code == 2 and "file:// is pod-local disk" in result.stderr
+
+
 def test_schema_json_and_crd() -> None:
     result = runner.invoke(app, ["schema"])
     assert result.exit_code == 0 and json.loads(result.stdout)["title"] == "DinoExperiment"
