@@ -25,10 +25,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.utils.checkpoint import checkpoint
 
 from trainer.config import ParallelConfig
+
+_BACKBONE_ENTRY_POINTS = ("forward_features", "forward_features_list", "get_intermediate_layers")
 
 __all__ = ["apply_activation_checkpointing", "build_on_meta", "materialize", "parallelize", "uses_fsdp"]
 
@@ -109,6 +111,9 @@ def parallelize(
     for head in _heads(model):
         fully_shard(head, mesh=mesh, mp_policy=head_policy, reshard_after_forward=is_teacher)
     fully_shard(backbone, mesh=mesh, mp_policy=backbone_policy, reshard_after_forward=is_teacher)
+    for method in _BACKBONE_ENTRY_POINTS:  # FSDP2 hooks only forward(); the trainer calls these directly
+        if hasattr(backbone, method):
+            register_fsdp_forward_method(backbone, method)
     logger.info(
         "parallelised %s: FSDP2 over %d ranks, %s params, activation checkpointing %s, compile %s",
         "teacher" if is_teacher else "student", world_size, backbone_policy.param_dtype,

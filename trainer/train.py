@@ -88,7 +88,8 @@ def train(config: TrainConfig) -> int:
         batches = iter(runtime.loader)
         while iteration < config.optim.iterations:
             wait_start = time.perf_counter()
-            batch = runtime.to_device(next(batches))
+            with torch.random.fork_rng(devices=[]):  # loading must not consume the training RNG (exact resume)
+                batch = runtime.to_device(next(batches))
             data_wait = time.perf_counter() - wait_start
             runtime.step(batch, iteration, data_wait=data_wait)
             iteration += 1

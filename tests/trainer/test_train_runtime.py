@@ -145,5 +145,5 @@ def test_metrics_endpoint_serves_training_metrics_during_a_run(tmp_path):
     components = {s.labels["component"] for s in families["dino_train_loss"].samples}
     assert {"dino_global", "dino_local", "ibot", "koleo", "total"} <= components
     assert families["dino_train_learning_rate"].samples[0].value > 0
-    build = families["dino_build"].samples[0]
+    build = families["dino_build_info"].samples[0]
     assert build.labels["recipe"] == "tiny" and build.labels["stage"] == "pretrain"
