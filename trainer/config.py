@@ -42,6 +42,7 @@ __all__ = [
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
+    "load_config_file",
     "model_config_from_dict",
     "parse_override",
     "resolve_config",
@@ -555,6 +556,23 @@ def resolve_config(
     config = config_from_dict(data)
     validate_config(config)
     return config
+
+
+def load_config_file(path: str | None, overrides: list[str], *, recipe: str | None = None) -> TrainConfig:
+    """defaults <- recipe <- YAML file <- ``key=value`` overrides; the recipe comes from the file's ``recipe`` key
+    unless ``recipe`` is given (default ``tiny`` when neither names one)."""
+    import yaml  # noqa: PLC0415 - keeps importing this module cheap
+
+    file_values: dict[str, Any] = {}
+    if path:
+        with open(path, encoding="utf-8") as handle:
+            file_values = yaml.safe_load(handle) or {}
+        if not isinstance(file_values, dict):
+            raise ConfigError("config", type(file_values).__name__, f"a mapping at the top of {path}")
+    name = recipe or file_values.pop("recipe", None) or "tiny"
+    file_values.pop("recipe", None)
+    parsed = dict(parse_override(item) for item in overrides)
+    return resolve_config(name, file_values=file_values, overrides=parsed)
 
 
 def validate_config(config: TrainConfig, *, world_size: int | None = None) -> None:

@@ -19,9 +19,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 
-from trainer.config import ConfigError, TrainConfig, parse_override, resolve_config, validate_config
+from trainer.config import ConfigError, TrainConfig, load_config_file, validate_config
 from trainer.runtime import Runtime
 
 logger = logging.getLogger("trainer.train")
@@ -31,15 +30,7 @@ PREEMPTED_EXIT_CODE = 143
 
 def load_config(path: str | None, overrides: list[str], *, recipe: str | None = None) -> TrainConfig:
     """defaults <- recipe <- YAML file <- ``key=value`` overrides (unknown keys name their path)."""
-    file_values: dict[str, Any] = {}
-    if path:
-        with open(path, encoding="utf-8") as handle:
-            file_values = yaml.safe_load(handle) or {}
-        if not isinstance(file_values, dict):
-            raise ConfigError("config", type(file_values).__name__, f"a mapping at the top of {path}")
-    name = recipe or file_values.pop("recipe", None) or "tiny"
-    parsed = dict(parse_override(item) for item in overrides)
-    return resolve_config(name, file_values=file_values, overrides=parsed)
+    return load_config_file(path, overrides, recipe=recipe)
 
 
 def _init_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
