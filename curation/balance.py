@@ -71,11 +71,15 @@ def kmeans_with_resampling(
         labels, sims = assign(points, centroids, gpu=gpu)
         subset = points[take_first_per_group(labels, -sims, quota)]
         if len(subset) < num_clusters:
-            logger.info("resampling stopped at round %d: %d points for %d clusters", round_index, len(subset), num_clusters)
+            logger.info(
+                "resampling stopped at round %d: %d points for %d clusters", round_index, len(subset), num_clusters
+            )
             break
         # A fresh fit, not a warm start: the subset is made of cluster cores, so every current centroid already
         # sits at its core's mean (a fixed point); a new fit places centroids by the subset's flatter density.
-        centroids = kmeans(subset, num_clusters, iterations=iterations, seed=seed + round_index + 1, gpu=gpu, field=field)
+        centroids = kmeans(
+            subset, num_clusters, iterations=iterations, seed=seed + round_index + 1, gpu=gpu, field=field
+        )
     labels, sims = assign(points, centroids, gpu=gpu)
     return centroids, labels, sims
 
@@ -95,8 +99,14 @@ def hierarchical_kmeans(
     points, similarities = x, None
     for level, num_clusters in enumerate(levels):
         centroids, labels, sims = kmeans_with_resampling(
-            points, num_clusters, rounds=resampling_rounds, fraction=resample_fraction, iterations=iterations,
-            seed=seed + 1000 * level, gpu=gpu, field=f"balance.levels[{level}]",
+            points,
+            num_clusters,
+            rounds=resampling_rounds,
+            fraction=resample_fraction,
+            iterations=iterations,
+            seed=seed + 1000 * level,
+            gpu=gpu,
+            field=f"balance.levels[{level}]",
         )
         # The next level clusters the member means (what the cluster holds), not the fitted centroids; an empty
         # cluster keeps its centroid (it carries no points, so it cannot skew the sampling).
@@ -110,9 +120,7 @@ def hierarchical_kmeans(
     return Hierarchy(centroids=centroids_per_level, labels=labels_per_level, similarities=similarities)
 
 
-def balanced_sample(
-    hierarchy: Hierarchy, target_size: int, *, sampling: str, rng: np.random.Generator
-) -> np.ndarray:
+def balanced_sample(hierarchy: Hierarchy, target_size: int, *, sampling: str, rng: np.random.Generator) -> np.ndarray:
     """Row numbers (sorted) of ``target_size`` points spread as evenly as possible over the hierarchy's clusters."""
     sizes = hierarchy.cluster_sizes()
     num_points = len(hierarchy.labels[0])

@@ -25,7 +25,8 @@ ShardOpt = Annotated[
     ),
 ]
 NumShardsOpt = Annotated[
-    int | None, typer.Option("--num-shards", min=1, help="override embed.num_shards / write.num_shards of the steps run")
+    int | None,
+    typer.Option("--num-shards", min=1, help="override embed.num_shards / write.num_shards of the steps run"),
 ]
 RenderOpt = Annotated[bool, typer.Option("--render", help="print the Kubernetes ConfigMap and Jobs as YAML and exit")]
 ImageOpt = Annotated[str | None, typer.Option("--image", help="container image for --render")]
@@ -59,7 +60,9 @@ def curate(
 
     from trainer.config import ConfigError
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     console = Console(stderr=True)
     step_list = [s.strip() for s in steps.split(",") if s.strip()] if steps else None
     try:

@@ -213,7 +213,9 @@ def _describe_error(error: dict[str, Any]) -> ConfigError:
         if fields is None or part not in fields:
             if error["type"] == "extra_forbidden" and fields is not None:
                 known = ", ".join(fields)
-                return ConfigError(f"{path}.{part}" if path else part, error.get("input"), f"a key of {parent}: {known}")
+                return ConfigError(
+                    f"{path}.{part}" if path else part, error.get("input"), f"a key of {parent}: {known}"
+                )
             continue  # a union member tag such as 'str' or 'dict[str,any]'
         path = f"{path}.{part}" if path else part
         parent = path
@@ -250,7 +252,7 @@ def _check_semantics(spec: CurationSpec) -> None:
         raise ConfigError("sources", [s.name for s in spec.sources], "at least one source with role 'pool'")
     _check_model(spec.embed.model)
     levels = spec.balance.levels
-    if not levels or min(levels) < 1 or any(b >= a for a, b in zip(levels, levels[1:])):
+    if not levels or min(levels) < 1 or any(b >= a for a, b in zip(levels, levels[1:], strict=False)):
         raise ConfigError("balance.levels", list(levels), "positive cluster counts, strictly decreasing bottom-up")
     if spec.balance.enabled and spec.balance.target_size is None:
         raise ConfigError("balance.target_size", None, "a positive integer when balance.enabled is true")

@@ -60,7 +60,9 @@ def deduplicate(
     if config.eval_threshold > config.threshold:
         logger.warning(
             "dedup.eval_threshold %.3f is looser than dedup.threshold %.3f: evaluation components are then "
-            "computed on the self-dedup graph", config.eval_threshold, config.threshold,
+            "computed on the self-dedup graph",
+            config.eval_threshold,
+            config.threshold,
         )
     num = len(pool)
     index = build_index(pool, config=config.index, field="dedup.index", seed=seed)

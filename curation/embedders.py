@@ -76,7 +76,9 @@ class ThumbnailEmbedder(Embedder):
                 try:
                     vectors.append(self.describe(record.image))
                 except (OSError, ValueError) as exc:  # PIL raises these for truncated or unknown files
-                    logger.warning("source %s row %d (%s): undecodable image skipped: %s", source.name, row, record.id, exc)
+                    logger.warning(
+                        "source %s row %d (%s): undecodable image skipped: %s", source.name, row, record.id, exc
+                    )
                     bad += 1
                     continue
                 kept.append(row)
@@ -100,7 +102,9 @@ class _RowDataset:
         try:
             return self.rows[i], record.id, self.transform(_decode_rgb(record.image))
         except (OSError, ValueError) as exc:
-            logger.warning("source %s row %d (%s): undecodable image skipped: %s", self.source.name, self.rows[i], record.id, exc)
+            logger.warning(
+                "source %s row %d (%s): undecodable image skipped: %s", self.source.name, self.rows[i], record.id, exc
+            )
             return self.rows[i], record.id, None
 
 
@@ -135,7 +139,9 @@ class BackboneEmbedder(Embedder):
         # The DINOv2 evaluation transform: resize to 256/224 of the crop, centre crop, ImageNet normalisation.
         self.transform = transforms.Compose(
             [
-                transforms.Resize(round(config.image_size * 256 / 224), interpolation=transforms.InterpolationMode.BICUBIC),
+                transforms.Resize(
+                    round(config.image_size * 256 / 224), interpolation=transforms.InterpolationMode.BICUBIC
+                ),
                 transforms.CenterCrop(config.image_size),
                 transforms.ToTensor(),
                 transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
@@ -154,7 +160,9 @@ class BackboneEmbedder(Embedder):
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         for kept, ids, images, bad in loader:
             if images is None:
-                yield EmbeddedBatch(rows=np.zeros(0, np.int64), ids=[], embeddings=np.zeros((0, 0), np.float32), num_bad=bad)
+                yield EmbeddedBatch(
+                    rows=np.zeros(0, np.int64), ids=[], embeddings=np.zeros((0, 0), np.float32), num_bad=bad
+                )
                 continue
             with torch.inference_mode(), autocast:
                 features = self.model(images.to(self.device, non_blocking=True)).float()

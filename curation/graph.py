@@ -12,7 +12,9 @@ import numpy as np
 __all__ = ["connected_components", "knn_edges"]
 
 
-def knn_edges(sims: np.ndarray, ids: np.ndarray, threshold: float, *, query_ids: np.ndarray | None = None) -> np.ndarray:
+def knn_edges(
+    sims: np.ndarray, ids: np.ndarray, threshold: float, *, query_ids: np.ndarray | None = None
+) -> np.ndarray:
     """Undirected edges ``[E, 2]`` (u < v) between each query and its neighbours with similarity > threshold.
 
     ``query_ids`` names the graph node of each query row (default: the row number). Self-loops, missing neighbours

@@ -57,14 +57,21 @@ def _config_map(spec: CurationSpec) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {"name": _name(spec.name, "curation-spec"), "namespace": spec.jobs.namespace, "labels": _labels(spec)},
+        "metadata": {
+            "name": _name(spec.name, "curation-spec"),
+            "namespace": spec.jobs.namespace,
+            "labels": _labels(spec),
+        },
         "data": {SPEC_FILE: text},
     }
 
 
 def _pod_spec(spec: CurationSpec, *, image: str, steps: str, gpus: int) -> dict[str, Any]:
     jobs = spec.jobs
-    resources: dict[str, dict[str, Any]] = {"requests": {"cpu": jobs.cpu, "memory": jobs.memory}, "limits": {"memory": jobs.memory}}
+    resources: dict[str, dict[str, Any]] = {
+        "requests": {"cpu": jobs.cpu, "memory": jobs.memory},
+        "limits": {"memory": jobs.memory},
+    }
     if gpus:
         resources["limits"]["nvidia.com/gpu"] = gpus
     mounts = [{"name": "spec", "mountPath": SPEC_MOUNT, "readOnly": True}, {"name": "dshm", "mountPath": "/dev/shm"}]
@@ -105,7 +112,10 @@ def _job(
     job_spec: dict[str, Any] = {
         "completions": completions,
         "parallelism": min(spec.jobs.parallelism or completions, completions),
-        "template": {"metadata": {"labels": dict(labels)}, "spec": _pod_spec(spec, image=image, steps=steps, gpus=gpus)},
+        "template": {
+            "metadata": {"labels": dict(labels)},
+            "spec": _pod_spec(spec, image=image, steps=steps, gpus=gpus),
+        },
     }
     if completions > 1 or step in ("embed", "write"):
         job_spec["completionMode"] = "Indexed"
@@ -122,15 +132,27 @@ def _job(
 def render_curation_jobs(spec: CurationSpec, *, image: str) -> list[dict[str, Any]]:
     """The ConfigMap and the three Jobs (embed, select, write) of ``spec``, in apply order."""
     if not image:
-        raise ValueError("image must name the container image holding dino-ctl, e.g. registry.example.com/dino-ctl:0.1.0")
+        raise ValueError(
+            "image must name the container image holding dino-ctl, e.g. registry.example.com/dino-ctl:0.1.0"
+        )
     gpus = spec.jobs.gpus_per_pod
     embed = _job(spec, "embed", image=image, steps="embed", completions=spec.embed.num_shards, gpus=gpus, after=None)
     select = _job(
-        spec, "select", image=image, steps="dedup,retrieve,balance", completions=1, gpus=gpus,
+        spec,
+        "select",
+        image=image,
+        steps="dedup,retrieve,balance",
+        completions=1,
+        gpus=gpus,
         after=embed["metadata"]["name"],
     )
     write = _job(
-        spec, "write", image=image, steps="write", completions=spec.write.num_shards, gpus=0,
+        spec,
+        "write",
+        image=image,
+        steps="write",
+        completions=spec.write.num_shards,
+        gpus=0,
         after=select["metadata"]["name"],
     )
     return [_config_map(spec), embed, select, write]

@@ -123,9 +123,7 @@ def run_pipeline(
     """
     from curation import steps as step_impls
 
-    context = Context(
-        spec=spec, reporter=reporter or Reporter(), failure_hook=failure_hook, shard_index=shard_index
-    )
+    context = Context(spec=spec, reporter=reporter or Reporter(), failure_hook=failure_hook, shard_index=shard_index)
     context.root.mkdir(parents=True, exist_ok=True)
     results = []
     for name in _select_steps(steps, shard_index):

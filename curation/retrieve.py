@@ -65,7 +65,12 @@ def fit_pool_clusters(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(centroids, labels of the pool rows)``: the k-means shared by every cluster-based query set."""
     centroids = kmeans(
-        pool, config.num_clusters, iterations=config.iterations, seed=seed, gpu=gpu, field="retrieve.cluster.num_clusters"
+        pool,
+        config.num_clusters,
+        iterations=config.iterations,
+        seed=seed,
+        gpu=gpu,
+        field="retrieve.cluster.num_clusters",
     )
     labels, _ = assign(pool, centroids, gpu=gpu)
     return centroids, labels

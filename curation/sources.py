@@ -60,7 +60,7 @@ class _FileSource:
 
     def stats(self) -> list[tuple[str, int, int]]:
         out = []
-        for path, sample_id in zip(self._paths, self.ids):
+        for path, sample_id in zip(self._paths, self.ids, strict=True):
             st = path.stat()
             out.append((sample_id, st.st_size, st.st_mtime_ns))
         return out

@@ -52,7 +52,9 @@ def _stem(context: Context, source: SourceConfig, shard: int) -> Path:
 def _embed_shard(context: Context, embedder: Embedder, source: SourceConfig, shard: int, part_hash: str) -> None:
     images = open_source(source)
     rows = shard_range(len(images), shard, context.spec.embed.num_shards)
-    advance = context.reporter.task(f"embed {source.name} {shard_name(shard, context.spec.embed.num_shards)}", len(rows))
+    advance = context.reporter.task(
+        f"embed {source.name} {shard_name(shard, context.spec.embed.num_shards)}", len(rows)
+    )
     kept, ids, arrays, num_bad = [], [], [], 0
     for batch in embedder.embed_rows(images, rows):
         num_bad += batch.num_bad

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from curation.balance import balanced_sample, hierarchical_kmeans
+from curation.config import SourceConfig
 from curation.dedup import deduplicate
 from curation.pipeline import Context, step_directory
 from curation.retrieve import cluster_retrieval, fit_pool_clusters, sample_retrieval
@@ -57,7 +58,9 @@ def run_dedup(context: Context, config_hash: str) -> tuple[str, dict[str, Any]]:
     if spec.dedup.enabled:
         eval_sources = spec.sources_with_role("eval")
         eval_sets = (
-            np.concatenate([load_source_embeddings(context, s).embeddings for s in eval_sources]) if eval_sources else None
+            np.concatenate([load_source_embeddings(context, s).embeddings for s in eval_sources])
+            if eval_sources
+            else None
         )
         advance = context.reporter.task("dedup: k-NN over the pool", num)
         result = deduplicate(pool.embeddings, eval_sets, config=spec.dedup, seed=spec.seed, advance=advance)
@@ -70,42 +73,48 @@ def run_dedup(context: Context, config_hash: str) -> tuple[str, dict[str, Any]]:
     return "done", summary
 
 
+def _retrieve_one(
+    context: Context, source: SourceConfig, pool: np.ndarray, clusters: list, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(kept-pool positions, query rows or -1, retrieval clusters or -1)`` for one query set.
+
+    ``clusters`` caches the pool's k-means (shared by every cluster-based query set) as ``[centroids, labels]``."""
+    config, seed = context.spec.retrieve, context.spec.seed
+    queries = load_source_embeddings(context, source).embeddings
+    if source.retrieval == "sample":
+        advance = context.reporter.task(f"retrieve: {source.name} (k={config.k})", len(queries))
+        found = sample_retrieval(pool, queries, k=config.k, index_config=config.index, seed=seed, advance=advance)
+        return found.pool_rows, found.query_rows, np.full(len(found.pool_rows), -1)
+    if not clusters:
+        context.reporter.task(f"retrieve: k-means of the pool ({config.cluster.num_clusters})", None)
+        clusters.extend(fit_pool_clusters(pool, config=config.cluster, gpu=config.index.gpu, seed=seed))
+    found = cluster_retrieval(clusters[1], clusters[0], queries, config=config.cluster, gpu=config.index.gpu, rng=rng)
+    return found.pool_rows, np.full(len(found.pool_rows), -1), found.clusters
+
+
 def run_retrieve(context: Context, config_hash: str) -> tuple[str, dict[str, Any]]:
     """Union of the images retrieved by every query set (a pass-through when there is none)."""
-    spec, config = context.spec, context.spec.retrieve
     kept = load_array(context, "dedup", "selected")
-    query_sources = spec.sources_with_role("query")
+    query_sources = context.spec.sources_with_role("query")
     if not query_sources:
         summary = {"input": len(kept), "selected": len(kept), "query_sets": 0}
-        empty = np.full(len(kept), -1, np.int64)
-        _commit(context, "retrieve", config_hash, {"selected": kept, "query_set": empty, "query_row": empty,
-                                                   "cluster": empty}, summary)
+        none = np.full(len(kept), -1, np.int64)
+        arrays = {"selected": kept, "query_set": none, "query_row": none, "cluster": none}
+        _commit(context, "retrieve", config_hash, arrays, summary)
         return "done", summary
     pool = load_pool(context).embeddings[kept]
-    parts: list[tuple[np.ndarray, ...]] = []
     summary: dict[str, Any] = {"input": len(kept)}
-    clusters = None
-    rng = np.random.default_rng(spec.seed)
+    parts, clusters, rng = [], [], np.random.default_rng(context.spec.seed)
     for set_index, source in enumerate(query_sources):
-        queries = load_source_embeddings(context, source).embeddings
-        if source.retrieval == "sample":
-            advance = context.reporter.task(f"retrieve: {source.name} (k={config.k})", len(queries))
-            found = sample_retrieval(pool, queries, k=config.k, index_config=config.index, seed=spec.seed, advance=advance)
-            rows, query_rows, cluster = found.pool_rows, found.query_rows, np.full(len(found.pool_rows), -1)
-        else:
-            if clusters is None:
-                context.reporter.task(f"retrieve: k-means of the pool ({config.cluster.num_clusters})", None)
-                clusters = fit_pool_clusters(pool, config=config.cluster, gpu=config.index.gpu, seed=spec.seed)
-            found = cluster_retrieval(clusters[1], clusters[0], queries, config=config.cluster, gpu=config.index.gpu, rng=rng)
-            rows, query_rows, cluster = found.pool_rows, np.full(len(found.pool_rows), -1), found.clusters
+        rows, query_rows, cluster = _retrieve_one(context, source, pool, clusters, rng)
         summary[f"{source.name}.{source.retrieval}"] = len(rows)
         parts.append((rows, np.full(len(rows), set_index), query_rows, cluster))
-    rows, set_ids, query_rows, cluster = (np.concatenate(col).astype(np.int64) for col in zip(*parts))
+    rows, set_ids, query_rows, cluster = (np.concatenate(col).astype(np.int64) for col in zip(*parts, strict=True))
     # A pool image retrieved by several query sets keeps the provenance of the first set (spec order).
     order = np.lexsort((set_ids, rows))
     first = order[np.r_[True, rows[order][1:] != rows[order][:-1]]]
-    arrays = {"selected": kept[rows[first]], "query_set": set_ids[first], "query_row": query_rows[first],
-              "cluster": cluster[first]}
+    arrays = {"selected": kept[rows[first]], "query_set": set_ids[first], "query_row": query_rows[first]}
+    arrays["cluster"] = cluster[first]
     summary["selected"] = len(first)
     _commit(context, "retrieve", config_hash, arrays, summary)
     return "done", summary
@@ -132,7 +141,9 @@ def run_balance(context: Context, config_hash: str) -> tuple[str, dict[str, Any]
         seed=spec.seed,
         gpu=config.index.gpu,
     )
-    chosen = balanced_sample(hierarchy, config.target_size, sampling=config.sampling, rng=np.random.default_rng(spec.seed))
+    chosen = balanced_sample(
+        hierarchy, config.target_size, sampling=config.sampling, rng=np.random.default_rng(spec.seed)
+    )
     leaf_sizes = hierarchy.cluster_sizes()[0]
     chosen_sizes = np.bincount(hierarchy.labels[0][chosen], minlength=len(leaf_sizes))
     summary = {

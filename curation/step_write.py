@@ -54,7 +54,9 @@ def _load_selection(context: Context) -> _Selection:
     order = np.random.default_rng(context.spec.seed).permutation(len(selected))
     retrieved = load_array(context, "retrieve", "selected")
     position = np.searchsorted(retrieved, selected)  # retrieve's rows are sorted and contain balance's
-    retrieval = {name: load_array(context, "retrieve", name)[position][order] for name in ("query_set", "query_row", "cluster")}
+    retrieval = {
+        name: load_array(context, "retrieve", name)[position][order] for name in ("query_set", "query_row", "cluster")
+    }
     query_sources = context.spec.sources_with_role("query")
     return _Selection(
         pool=load_pool(context),
@@ -84,7 +86,9 @@ def _provenance(sel: _Selection, i: int, source: str) -> dict[str, Any]:
     }
 
 
-def _write_partition(context: Context, sel: _Selection, part: int, images: dict[str, ImageSource], config_hash: str) -> None:
+def _write_partition(
+    context: Context, sel: _Selection, part: int, images: dict[str, ImageSource], config_hash: str
+) -> None:
     config = context.spec.write
     positions = range(len(sel.rows) * part // config.num_shards, len(sel.rows) * (part + 1) // config.num_shards)
     final = step_directory(context.root, "write") / f"part-{part:05d}"
@@ -97,7 +101,11 @@ def _write_partition(context: Context, sel: _Selection, part: int, images: dict[
             source = sel.pool.sources[sel.pool.source_of[row]]
             record = images[source].read(int(sel.pool.rows[row]))
             sample_id = f"{source}/{record.id}"
-            writer.write(make_sample(sample_id, record.image, label=record.label, source=source, provenance=_provenance(sel, i, source)))
+            writer.write(
+                make_sample(
+                    sample_id, record.image, label=record.label, source=source, provenance=_provenance(sel, i, source)
+                )
+            )
             advance(1)
     write_marker(tmp, step="write", config_hash=config_hash, summary={"samples": len(positions)})
     replace_directory(tmp, final)

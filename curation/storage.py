@@ -189,9 +189,7 @@ def load_embeddings(stems: Sequence[str | Path]) -> EmbeddingShard:
     if not arrays:
         raise ValueError(f"no embeddings in shards {[str(s) for s in stems]}")
     embeddings = np.concatenate(arrays).astype(np.float32, copy=False)
-    return EmbeddingShard(
-        source=source, ids=ids, indices=np.concatenate(indices), embeddings=l2_normalize(embeddings)
-    )
+    return EmbeddingShard(source=source, ids=ids, indices=np.concatenate(indices), embeddings=l2_normalize(embeddings))
 
 
 def l2_normalize(x: np.ndarray, *, eps: float = 1e-12) -> np.ndarray:

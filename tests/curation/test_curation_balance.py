@@ -21,7 +21,9 @@ from curation_data import skewed_concepts
     ],
 )
 def test_water_fill_single_group(sizes: list[int], budget: int, expected: list[int]) -> None:
-    alloc = water_fill(np.array(sizes), np.zeros(len(sizes), np.int64), np.array([budget]), rng=np.random.default_rng(0))
+    alloc = water_fill(
+        np.array(sizes), np.zeros(len(sizes), np.int64), np.array([budget]), rng=np.random.default_rng(0)
+    )
     assert alloc.tolist() == expected
 
 
@@ -74,7 +76,9 @@ def test_balanced_sampling_flattens_a_skewed_concept_distribution() -> None:
     rng = np.random.default_rng(0)
     sizes = [1600, 800, 400, 200, 100, 50]  # a 32x skew between the largest and smallest concept
     x, concept = skewed_concepts(rng, sizes, 32, spread=0.1)
-    hierarchy = hierarchical_kmeans(x, levels=(60, 20, 6), resampling_rounds=3, resample_fraction=0.5, iterations=15, seed=0)
+    hierarchy = hierarchical_kmeans(
+        x, levels=(60, 20, 6), resampling_rounds=3, resample_fraction=0.5, iterations=15, seed=0
+    )
     chosen = balanced_sample(hierarchy, 300, sampling="random", rng=np.random.default_rng(0))
     assert len(chosen) == 300 and len(np.unique(chosen)) == 300
     random_pick = rng.choice(len(x), 300, replace=False)  # the baseline: uniform sampling keeps the skew
@@ -89,7 +93,9 @@ def test_balanced_sampling_flattens_a_skewed_concept_distribution() -> None:
 def test_hierarchy_structure_and_closest_sampling() -> None:
     rng = np.random.default_rng(3)
     x, _ = skewed_concepts(rng, [200, 100, 50], 16)
-    hierarchy = hierarchical_kmeans(x, levels=(12, 3), resampling_rounds=2, resample_fraction=0.5, iterations=10, seed=0)
+    hierarchy = hierarchical_kmeans(
+        x, levels=(12, 3), resampling_rounds=2, resample_fraction=0.5, iterations=10, seed=0
+    )
     paths = hierarchy.point_clusters()
     assert paths.shape == (350, 2)
     sizes = hierarchy.cluster_sizes()

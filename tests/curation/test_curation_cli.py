@@ -74,8 +74,12 @@ def test_python_dash_m_curation_uses_job_completion_index(tmp_path: Path) -> Non
     spec = _write_spec(tmp_path, embed={"model": "thumbnail", "num_shards": 2})
     env = {"JOB_COMPLETION_INDEX": "1", "PATH": "/usr/bin:/bin"}
     run = subprocess.run(
-        [sys.executable, "-m", "curation", str(spec), "--steps", "embed"], cwd=REPO, env=env, capture_output=True,
-        text=True, timeout=120,
+        [sys.executable, "-m", "curation", str(spec), "--steps", "embed"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 0, run.stderr
     shards = sorted(p.name for p in (tmp_path / "out" / "embed" / "pool").glob("*.json"))

@@ -14,7 +14,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _spec(**changes: Any) -> dict[str, Any]:
-    data: dict[str, Any] = {"name": "demo", "output": "/tmp/out", "sources": [{"name": "pool", "kind": "folder", "path": "/p"}]}
+    data: dict[str, Any] = {
+        "name": "demo",
+        "output": "/tmp/out",
+        "sources": [{"name": "pool", "kind": "folder", "path": "/p"}],
+    }
     data.update(changes)
     return data
 
@@ -25,7 +29,11 @@ def test_defaults_are_the_papers() -> None:
     assert spec.retrieve.k == 4
     cluster = spec.retrieve.cluster
     assert (cluster.num_clusters, cluster.min_queries, cluster.images_per_cluster, cluster.max_per_query_set) == (
-        100_000, 3, 10_000, 1_000_000)
+        100_000,
+        3,
+        10_000,
+        1_000_000,
+    )
     assert spec.balance.resampling_rounds == 10 and not spec.balance.enabled
 
 
@@ -37,10 +45,16 @@ def test_defaults_are_the_papers() -> None:
         ({"dedup": {"index": {"kind": "hnsw"}}}, "dedup.index.kind", "'auto', 'flat', 'ivf_flat' or 'ivf_pq'"),
         ({"sources": [{"name": "pool", "kind": "folder", "path": "/p", "role": "train"}]}, "sources[0].role", "'pool'"),
         ({"sources": [{"name": "Pool!", "kind": "folder", "path": "/p"}]}, "sources[0].name", "pattern"),
-        ({"sources": [{"name": "a", "kind": "folder", "path": "/p"}, {"name": "a", "kind": "mds", "path": "/q"}]},
-         "sources[1].name", "a name not used by another source"),
-        ({"sources": [{"name": "q", "kind": "folder", "path": "/p", "role": "query"}]}, "sources",
-         "at least one source with role 'pool'"),
+        (
+            {"sources": [{"name": "a", "kind": "folder", "path": "/p"}, {"name": "a", "kind": "mds", "path": "/q"}]},
+            "sources[1].name",
+            "a name not used by another source",
+        ),
+        (
+            {"sources": [{"name": "q", "kind": "folder", "path": "/p", "role": "query"}]},
+            "sources",
+            "at least one source with role 'pool'",
+        ),
         ({"sources": [{"name": "p", "kind": "embeddings", "path": "/p"}]}, "sources[0].kind", "while write.enabled"),
         ({"embed": {"model": "vit_huge"}}, "embed.model", "thumbnail, one of vit_pico"),
         ({"embed": {"model": {"arch": "vit_small", "depth": "deep"}}}, "embed.model.depth", "int or null"),

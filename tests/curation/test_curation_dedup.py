@@ -22,7 +22,7 @@ def _pool_with_copies(seed: int, *, num_distinct: int, num_copied: int, dim: int
 def _precision_recall(keep: np.ndarray, original: np.ndarray) -> tuple[float, float]:
     """Removal precision (removed rows that really were copies) and recall (copies that were removed)."""
     is_copy = np.zeros(len(keep), bool)
-    is_copy[len(np.unique(original)):] = True  # rows after the distinct block are the planted copies
+    is_copy[len(np.unique(original)) :] = True  # rows after the distinct block are the planted copies
     removed = ~keep
     precision = (removed & is_copy).sum() / max(removed.sum(), 1)
     recall = (removed & is_copy).sum() / is_copy.sum()

@@ -20,13 +20,21 @@ TINY_VIT = {"arch": "vit_pico", "patch_size": 8, "img_size": 32, "drop_path_rate
 
 
 def _spec(folder: Path, output: Path, *, num_shards: int, threshold: float = 0.975):
-    return spec_from_dict({
-        "name": "vit",
-        "output": str(output),
-        "sources": [{"name": "pool", "kind": "folder", "path": str(folder)}],
-        "embed": {"model": TINY_VIT, "image_size": 32, "batch_size": 8, "num_shards": num_shards, "dtype": "float32"},
-        "dedup": {"k": 8, "threshold": threshold},
-    })
+    return spec_from_dict(
+        {
+            "name": "vit",
+            "output": str(output),
+            "sources": [{"name": "pool", "kind": "folder", "path": str(folder)}],
+            "embed": {
+                "model": TINY_VIT,
+                "image_size": 32,
+                "batch_size": 8,
+                "num_shards": num_shards,
+                "dtype": "float32",
+            },
+            "dedup": {"k": 8, "threshold": threshold},
+        }
+    )
 
 
 def test_random_backbone_embeddings_find_planted_copies(tmp_path: Path) -> None:

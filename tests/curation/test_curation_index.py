@@ -12,7 +12,8 @@ from trainer.config import ConfigError
 
 
 @pytest.mark.parametrize(
-    "num,expected", [(10, "flat"), (50_000, "flat"), (50_001, "ivf_flat"), (4_999_999, "ivf_flat"), (5_000_000, "ivf_pq")]
+    "num,expected",
+    [(10, "flat"), (50_000, "flat"), (50_001, "ivf_flat"), (4_999_999, "ivf_flat"), (5_000_000, "ivf_pq")],
 )
 def test_auto_index_kind_by_pool_size(num: int, expected: str) -> None:
     assert choose_index_kind(num, IndexConfig()) == expected

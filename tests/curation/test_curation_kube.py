@@ -48,7 +48,10 @@ def test_indexed_jobs_follow_the_shard_counts_and_run_in_order() -> None:
     assert commands == ["embed", "dedup,retrieve,balance", "write"]
     write_limits = write["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert "nvidia.com/gpu" not in write_limits  # writing MDS needs no GPU
-    assert embed["spec"]["template"]["spec"]["volumes"][2] == {"name": "data", "persistentVolumeClaim": {"claimName": "curation-data"}}
+    assert embed["spec"]["template"]["spec"]["volumes"][2] == {
+        "name": "data",
+        "persistentVolumeClaim": {"claimName": "curation-data"},
+    }
 
 
 def load_spec_text(text: str):
@@ -56,7 +59,9 @@ def load_spec_text(text: str):
 
 
 def test_long_names_stay_valid_dns_labels() -> None:
-    spec = spec_from_dict({"name": "a" * 60, "output": "/o", "sources": [{"name": "p", "kind": "folder", "path": "/p"}]})
+    spec = spec_from_dict(
+        {"name": "a" * 60, "output": "/o", "sources": [{"name": "p", "kind": "folder", "path": "/p"}]}
+    )
     names = [obj["metadata"]["name"] for obj in render_curation_jobs(spec, image=IMAGE)]
     assert all(len(n) <= 63 for n in names) and len(set(names)) == 4
     assert names[1].endswith("-embed")

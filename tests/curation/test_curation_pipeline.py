@@ -60,7 +60,9 @@ def _files(directory: Path) -> dict[str, bytes]:
 
 def test_copies_and_eval_lookalikes_are_removed_and_originals_written(image_folders: Path, tmp_path: Path) -> None:
     results = run_pipeline(_spec(image_folders, tmp_path))
-    assert [(r.name, r.status) for r in results] == [(s, "done") for s in ("embed", "dedup", "retrieve", "balance", "write")]
+    assert [(r.name, r.status) for r in results] == [
+        (s, "done") for s in ("embed", "dedup", "retrieve", "balance", "write")
+    ]
     samples = _read_dataset(tmp_path)
     written = {s["id"] for s in samples}
     planted = {f"pool/b-copy/{i:03d}.jpg" for i in range(NUM_COPIED)} | {f"pool/a-orig/{EVAL_TWIN:03d}.png"}
@@ -109,8 +111,11 @@ def test_rerun_after_a_crash_reuses_finished_work_and_is_byte_identical(image_fo
 
 
 def test_crash_inside_a_selection_step_and_config_change(image_folders: Path, tmp_path: Path) -> None:
-    spec = _spec(image_folders, tmp_path, balance={"enabled": True, "levels": [6, 2], "target_size": 10,
-                                                   "resampling_rounds": 1, "iterations": 5})
+    spec = _spec(
+        image_folders,
+        tmp_path,
+        balance={"enabled": True, "levels": [6, 2], "target_size": 10, "resampling_rounds": 1, "iterations": 5},
+    )
 
     def crash(point: str) -> None:
         if point == "balance:commit":
@@ -140,7 +145,12 @@ def test_sharded_embed_commits_when_the_last_shard_lands(image_folders: Path, tm
         run_pipeline(spec, steps=["dedup"])
     second = run_pipeline(spec, steps=["embed"], shard_index=0)
     assert [r.status for r in second] == ["done"]
-    assert second[0].summary == {"pool.embedded": 32, "pool.undecodable": 0, "bench.embedded": 1, "bench.undecodable": 0}
+    assert second[0].summary == {
+        "pool.embedded": 32,
+        "pool.undecodable": 0,
+        "bench.embedded": 1,
+        "bench.undecodable": 0,
+    }
     results = run_pipeline(spec)
     assert [r.status for r in results] == ["reused", "done", "done", "done", "done"]
 
@@ -148,11 +158,15 @@ def test_sharded_embed_commits_when_the_last_shard_lands(image_folders: Path, tm
 def test_curated_dataset_is_a_valid_mds_source(image_folders: Path, tmp_path: Path) -> None:
     first = tmp_path / "first"
     run_pipeline(_spec(image_folders, first))
-    second = spec_from_dict({
-        "name": "again", "output": str(tmp_path / "second"),
-        "sources": [{"name": "curated", "kind": "mds", "path": str(first / "dataset")}],
-        "embed": {"model": "thumbnail"}, "dedup": {"k": 8, "threshold": 0.9},
-    })
+    second = spec_from_dict(
+        {
+            "name": "again",
+            "output": str(tmp_path / "second"),
+            "sources": [{"name": "curated", "kind": "mds", "path": str(first / "dataset")}],
+            "embed": {"model": "thumbnail"},
+            "dedup": {"k": 8, "threshold": 0.9},
+        }
+    )
     results = run_pipeline(second)
     assert results[1].summary["removed_copies"] == 0  # already deduplicated
     ids = {s["id"] for s in _read_dataset(tmp_path / "second")}

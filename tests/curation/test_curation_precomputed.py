@@ -15,8 +15,14 @@ from curation_data import noisy_copies, random_unit, skewed_concepts
 def _save(directory: Path, name: str, x: np.ndarray, *, num_shards: int = 1) -> None:
     for i in range(num_shards):
         rows = np.arange(len(x) * i // num_shards, len(x) * (i + 1) // num_shards)
-        save_embeddings(directory / name, source=name, ids=[f"{name}-{r}" for r in rows], indices=rows,
-                        embeddings=x[rows].astype(np.float16), name=shard_name(i, num_shards))
+        save_embeddings(
+            directory / name,
+            source=name,
+            ids=[f"{name}-{r}" for r in rows],
+            indices=rows,
+            embeddings=x[rows].astype(np.float16),
+            name=shard_name(i, num_shards),
+        )
 
 
 def test_sample_and_cluster_retrieval_in_the_pipeline(tmp_path: Path) -> None:
@@ -30,19 +36,26 @@ def test_sample_and_cluster_retrieval_in_the_pipeline(tmp_path: Path) -> None:
     _save(tmp_path / "emb", "pool", pool, num_shards=3)
     _save(tmp_path / "emb", "near", near_queries)
     _save(tmp_path / "emb", "topic", cluster_queries)
-    spec = spec_from_dict({
-        "name": "emb",
-        "output": str(tmp_path / "out"),
-        "sources": [
-            {"name": "pool", "kind": "embeddings", "path": str(tmp_path / "emb" / "pool")},
-            {"name": "near", "kind": "embeddings", "path": str(tmp_path / "emb" / "near"), "role": "query"},
-            {"name": "topic", "kind": "embeddings", "path": str(tmp_path / "emb" / "topic"), "role": "query",
-             "retrieval": "cluster"},
-        ],
-        "dedup": {"enabled": False},  # the tight generated concepts would collapse into one component each
-        "retrieve": {"k": 2, "cluster": {"num_clusters": 4, "images_per_cluster": 50}},
-        "write": {"enabled": False},
-    })
+    spec = spec_from_dict(
+        {
+            "name": "emb",
+            "output": str(tmp_path / "out"),
+            "sources": [
+                {"name": "pool", "kind": "embeddings", "path": str(tmp_path / "emb" / "pool")},
+                {"name": "near", "kind": "embeddings", "path": str(tmp_path / "emb" / "near"), "role": "query"},
+                {
+                    "name": "topic",
+                    "kind": "embeddings",
+                    "path": str(tmp_path / "emb" / "topic"),
+                    "role": "query",
+                    "retrieval": "cluster",
+                },
+            ],
+            "dedup": {"enabled": False},  # the tight generated concepts would collapse into one component each
+            "retrieve": {"k": 2, "cluster": {"num_clusters": 4, "images_per_cluster": 50}},
+            "write": {"enabled": False},
+        }
+    )
     results = run_pipeline(spec, steps=["embed", "dedup", "retrieve"])
     assert [r.status for r in results] == ["done"] * 3
     assert results[0].summary == {"pool.precomputed": 1210, "near.precomputed": 5, "topic.precomputed": 6}

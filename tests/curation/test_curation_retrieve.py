@@ -46,7 +46,11 @@ def test_cluster_retrieval_takes_clusters_with_enough_queries_and_caps() -> None
     assert len(found.pool_rows) == 100  # capped per cluster
     assert set(concept[found.pool_rows].tolist()) == {0}
     capped = cluster_retrieval(
-        labels, centroids, queries, config=config.model_copy(update={"max_per_query_set": 40}), gpu="off",
+        labels,
+        centroids,
+        queries,
+        config=config.model_copy(update={"max_per_query_set": 40}),
+        gpu="off",
         rng=np.random.default_rng(0),
     )
     assert len(capped.pool_rows) == 40
