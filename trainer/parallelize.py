@@ -17,9 +17,10 @@ so the backbone and each head are FSDP roots of their own rather than children o
 
 from __future__ import annotations
 
-import functools
 import logging
+import types
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -49,11 +50,16 @@ def uses_fsdp(config: ParallelConfig, *, world_size: int) -> bool:
     return config.fsdp == "on" or (config.fsdp == "auto" and world_size > 1)
 
 
+def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return checkpoint(type(self).forward, self, *args, use_reentrant=False, **kwargs)
+
+
 def apply_activation_checkpointing(block: nn.Module) -> None:
     """Recompute ``block``'s activations in backward (non-reentrant), keeping its parameter names."""
-    # An instance attribute shadows the class's forward for nn.Module.__call__ (so FSDP2's hooks still run around
-    # it); copy.deepcopy rebinds the captured method to the copy.
-    block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    # A bound method in the instance shadows the class's forward for nn.Module.__call__, so FSDP2's hooks still
+    # run around it; copy.deepcopy rebinds it to the copy, and torch.compile traces it (it does not trace a
+    # functools.partial of checkpoint: that compiles nothing).
+    block.forward = types.MethodType(_checkpointed_forward, block)
 
 
 def _heads(model: nn.ModuleDict) -> list[nn.Module]:

@@ -127,4 +127,5 @@ def test_jsonl_logger_uploads_to_an_object_store_on_close() -> None:
 def test_format_console_line() -> None:
     record = {"iteration": 120, "loss/total": 9.21, "loss/dino": 4.6, "lr": 1.2e-3,
               "images_per_second": 812.44, "data_wait_seconds": 0.0031, "mfu": 0.41}
-    assert format_console(record) == "it 120 | loss 9.21 (dino 4.6) | lr 1.20e-03 | 812.4 img/s | data 3.1 ms | mfu 41.0%"
+    expected = "it 120 | loss 9.21 (dino 4.6) | lr 1.20e-03 | 812.4 img/s | data 3.1 ms | mfu 41.0%"
+    assert format_console(record) == expected
