@@ -50,9 +50,9 @@ CONFIG_DIR = "/etc/dino-ctl"
 CONFIG_FILE = "config.yaml"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
 CREDENTIALS_DIR = "/var/run/secrets/dino-ctl/storage"
-# torchrun reads its arguments from the PET_* variables the operators inject (nnodes, nproc, rendezvous), so the
-# command names only the module. trainer.train exits 143 after a SIGTERM checkpoint.
-TRAINER_COMMAND = ("torchrun", "-m", "trainer.train", "--config", CONFIG_PATH)
+# trainer.launch runs torchrun (configured by the operators' PET_* variables) around trainer.train and keeps exit
+# code 143 when SIGTERM ended in a preemption checkpoint; plain torchrun would exit 1 and burn the failure budget.
+TRAINER_COMMAND = ("python", "-m", "trainer.launch", "--config", CONFIG_PATH)
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 # Time after SIGTERM beyond the trainer's own checkpoint budget: finishing the step and process teardown.

@@ -107,7 +107,7 @@ def test_pytorchjob_encodes_elasticity_gang_queue_and_exit_codes() -> None:
     assert list(spec["pytorchReplicaSpecs"]) == ["Worker"] and worker["restartPolicy"] == "ExitCode"
     container = worker["template"]["spec"]["containers"][0]
     assert container["name"] == "pytorch"
-    assert container["command"] == ["torchrun", "-m", "trainer.train", "--config", "/etc/dino-ctl/config.yaml"]
+    assert container["command"] == ["python", "-m", "trainer.launch", "--config", "/etc/dino-ctl/config.yaml"]
 
 
 def test_pod_template_placement_shm_metrics_and_grace() -> None:
