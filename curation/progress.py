@@ -65,8 +65,9 @@ class RichReporter(Reporter):
     def step_done(self, name: str, *, summary: dict[str, Any], reused: bool, seconds: float) -> None:
         from rich.table import Table
 
-        status = "[yellow]reused" if reused else "[green]done"
-        table = Table(title=f"{name}: {status} ({seconds:.1f} s)", show_header=False, title_justify="left")
+        status = "[yellow]reused[/]" if reused else "[green]done[/]"
+        table = Table(show_header=False)
         for key, value in summary.items():
             table.add_row(str(key), str(value))
+        self.progress.console.print(f"[bold]{name}[/]: {status} in {seconds:.1f} s")
         self.progress.console.print(table)

@@ -8,9 +8,11 @@ whoever completes the last partition merges the partition indexes into ``dataset
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +113,21 @@ def _write_partition(
     replace_directory(tmp, final)
 
 
+@contextlib.contextmanager
+def _quiet_root_warnings() -> Iterator[None]:
+    """merge_index warns on the root logger about its temporary folder and the existing output directory on every
+    call; neither is actionable here, so keep them out of the command's output."""
+    root, streaming_logger = logging.getLogger(), logging.getLogger("streaming")
+    levels = root.level, streaming_logger.level
+    root.setLevel(logging.ERROR)
+    streaming_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(levels[0])
+        streaming_logger.setLevel(levels[1])
+
+
 def run_write(context: Context, config_hash: str) -> tuple[str, dict[str, Any]]:
     """Write this worker's missing partitions; merge and write the manifest once all exist."""
     from streaming.base.util import merge_index
@@ -129,7 +146,8 @@ def run_write(context: Context, config_hash: str) -> tuple[str, dict[str, Any]]:
         if stale not in parts:
             shutil.rmtree(stale)  # partitions of an earlier, larger num_shards, or left by a crashed writer
     (dataset / "index.json").unlink(missing_ok=True)  # merge_index refuses to overwrite an earlier merge
-    merge_index([str(p / "index.json") for p in parts], str(dataset))
+    with _quiet_root_warnings():
+        merge_index([str(p / "index.json") for p in parts], str(dataset))
     summary = {"samples": len(sel.rows), "partitions": config.num_shards}
     atomic_write_json(context.root / MANIFEST_NAME, _manifest(context, summary))
     write_marker(dataset, step="write", config_hash=config_hash, summary=summary)
