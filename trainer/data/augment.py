@@ -32,6 +32,7 @@ from trainer.data.colour import NUM_JITTER_OPS, ColourParams, apply_colour_ops, 
 __all__ = [
     "BLUR_PROBABILITIES",
     "BadImageError",
+    "CropPlan",
     "MultiCropAugmentation",
     "MultiCropSample",
     "decode_image",
@@ -66,6 +67,17 @@ class MultiCropSample:
     global_colour: ColourParams | None = None
     """Set when the colour ops are deferred to the batch (``gpu_augment``)."""
     local_colour: ColourParams | None = None
+
+
+@dataclass
+class CropPlan:
+    """The random draws of one image: crop boxes ``(left, top, width, height)`` and flips of every crop (global 1,
+    global 2, locals), and the colour parameters of the global and of the local crops."""
+
+    boxes: list[tuple[int, int, int, int]]
+    flips: list[bool]
+    global_colour: ColourParams
+    local_colour: ColourParams
 
 
 def sample_crop_box(
@@ -108,7 +120,8 @@ def sample_colour_params(
         ],
         axis=1,
     )
-    order = np.stack([rng.permutation(NUM_JITTER_OPS) for _ in range(num_crops)]).reshape(num_crops, NUM_JITTER_OPS)
+    order = np.array([rng.permutation(NUM_JITTER_OPS) for _ in range(num_crops)], dtype=np.int64)
+    order = order.reshape(num_crops, NUM_JITTER_OPS)
     grayscale = rng.random(num_crops) < GRAYSCALE_PROBABILITY
     blur = rng.random(num_crops) < blur_probability
     sigma = np.where(blur, rng.uniform(BLUR_SIGMA[0], BLUR_SIGMA[1], num_crops), 0.0)
@@ -198,33 +211,28 @@ class MultiCropAugmentation:
         return self._fast(data, np.random.default_rng(seed))
 
     # ------------------------------------------------------------------------------------------------ fast path
-    def _sample_geometry(self, rng: np.random.Generator, width: int, height: int) -> tuple[list, np.ndarray]:
+    def sample_plan(self, rng: np.random.Generator, width: int, height: int) -> CropPlan:
+        """Every random draw of one image of ``width`` x ``height`` (the fast path's draw order)."""
         crops = self.crops
         scales = [crops.global_scale] * 2 + [crops.local_scale] * crops.num_local
         boxes = [sample_crop_box(rng, width, height, scale) for scale in scales]
-        flips = rng.random(len(boxes)) < FLIP_PROBABILITY
-        return boxes, flips
-
-    def _sample_colour(self, rng: np.random.Generator) -> tuple[ColourParams, ColourParams]:
+        flips = (rng.random(len(boxes)) < FLIP_PROBABILITY).tolist()
         blur_g1, blur_g2, blur_local = self.blur_probabilities
         first = sample_colour_params(rng, 1, blur_probability=blur_g1, solarize_probability=0.0)
-        second = sample_colour_params(
-            rng, 1, blur_probability=blur_g2, solarize_probability=self.crops.solarize_probability
-        )
-        local = sample_colour_params(rng, self.crops.num_local, blur_probability=blur_local, solarize_probability=0.0)
-        return ColourParams.cat([first, second]), local
+        second = sample_colour_params(rng, 1, blur_probability=blur_g2, solarize_probability=crops.solarize_probability)
+        local = sample_colour_params(rng, crops.num_local, blur_probability=blur_local, solarize_probability=0.0)
+        return CropPlan(boxes, flips, ColourParams.cat([first, second]), local)
 
     def _fast(self, data: bytes | Image.Image, rng: np.random.Generator) -> MultiCropSample:
         header = open_image(data)
         width, height = header.size
-        boxes, flips = self._sample_geometry(rng, width, height)
-        global_colour, local_colour = self._sample_colour(rng)
-        factor = _draft_factor(boxes, self.crop_sizes) if header.format == "JPEG" else 1
+        plan = self.sample_plan(rng, width, height)
+        factor = _draft_factor(plan.boxes, self.crop_sizes) if header.format == "JPEG" else 1
         image = load_rgb(header, draft_size=(width // factor, height // factor) if factor > 1 else None)
         # libjpeg scales by exactly 1/factor (the last row/column may be padded); otherwise no rescaling.
         scale = 1 / factor
         arrays = []
-        for (left, top, crop_w, crop_h), size, flip in zip(boxes, self.crop_sizes, flips):
+        for (left, top, crop_w, crop_h), size, flip in zip(plan.boxes, self.crop_sizes, plan.flips):
             box = (left * scale, top * scale, (left + crop_w) * scale, (top + crop_h) * scale)
             crop = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
             if flip:  # PIL flips in C; numpy's negative-stride copy in np.stack is far slower
@@ -239,8 +247,8 @@ class MultiCropAugmentation:
             else torch.empty(0, local_size, local_size, 3, dtype=torch.uint8)
         )
         if self.defer_colour:
-            return MultiCropSample(global_u8, local_u8, global_colour, local_colour)
-        return MultiCropSample(_finish(global_u8, global_colour), _finish(local_u8, local_colour))
+            return MultiCropSample(global_u8, local_u8, plan.global_colour, plan.local_colour)
+        return MultiCropSample(_finish(global_u8, plan.global_colour), _finish(local_u8, plan.local_colour))
 
 
 def _finish(crops_u8: torch.Tensor, colour: ColourParams) -> torch.Tensor:
