@@ -83,7 +83,16 @@ class OptimizerState(Stateful):
         return get_optimizer_state_dict(self.model, self.optimizer)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
+        # Not strict: a parameter that never had a gradient (a mask token without masking, prototypes still
+        # frozen) has no saved state and must get none now, as in the run that saved it.
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=StateDictOptions(strict=False))
+
+    def drop_unsaved(self, state_dict: dict[str, Any], saved_keys: set[str], *, prefix: str) -> None:
+        """Remove from a load target the parameters whose state the checkpoint (flat DCP keys) does not hold."""
+        per_param = state_dict["state"]
+        for name in list(per_param):
+            if any(f"{prefix}.state.{name}.{field}" not in saved_keys for field in per_param[name]):
+                del per_param[name]
 
 
 class _ModelState(Stateful):
@@ -361,7 +370,7 @@ class CheckpointManager:
             record = json.load(handle)
         sharded, extras = _split_state(state)
         if sharded:
-            dcp.load(dict(sharded), storage_reader=_storage(path, reader=True), process_group=self._group)
+            self._load_sharded(path, sharded)
         if extras:
             self._load_extras(fs, root.rstrip("/"), extras, saved_world_size=record["world_size"])
         self._barrier()
@@ -370,6 +379,18 @@ class CheckpointManager:
         logger.info("loaded checkpoint %s (iteration %d, saved by %d ranks) in %.2f s",
                     path, record["iteration"], record["world_size"], self.last_load_seconds)
         return record
+
+    def _load_sharded(self, path: str, sharded: Mapping[str, Stateful]) -> None:
+        # DCP's Stateful protocol done by hand, to fit optimizer targets to what the checkpoint holds first.
+        reader = _storage(path, reader=True)
+        saved_keys = set(reader.read_metadata().state_dict_metadata)
+        targets = {key: value.state_dict() for key, value in sharded.items()}
+        for key, value in sharded.items():
+            if isinstance(value, OptimizerState):
+                value.drop_unsaved(targets[key], saved_keys, prefix=key)
+        dcp.load(targets, storage_reader=reader, process_group=self._group)
+        for key, value in sharded.items():
+            value.load_state_dict(targets[key])
 
     def _load_extras(self, fs: fsspec.AbstractFileSystem, root: str, extras: Mapping[str, Any], *,
                      saved_world_size: int) -> None:

@@ -29,11 +29,15 @@ class ToyBackbone(nn.Module):
         super().__init__()
         self.patch_embed = nn.Linear(in_dim, dim)
         self.pos_embed = nn.Parameter(0.02 * torch.randn(1, num_tokens, dim))
+        # Like the real mask token: a trainable parameter that gets no gradient in these forwards, so AdamW holds
+        # no state for it (checkpoints must cope).
+        self.mask_token = nn.Parameter(torch.zeros(1, dim))
         self.blocks = nn.ModuleList(ToyBlock(dim) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
     def init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.zeros_(self.mask_token)
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.LayerNorm)):
                 module.reset_parameters()

@@ -34,7 +34,7 @@ def _count_block_calls(model: nn.ModuleDict) -> list[int]:
 def _loss_and_grads(model: nn.Module, tokens: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
     loss = toy_loss(model, tokens)
     loss.backward()
-    return loss.item(), {name: _full(p.grad).clone() for name, p in model.named_parameters()}
+    return loss.item(), {name: _full(p.grad).clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
 def _sharded_run(rank: int, world_size: int) -> dict:
