@@ -74,7 +74,13 @@ class TrainMetrics:
             return None
         if self._server is not None:
             return self.port
-        self._server, _thread = start_http_server(self.config.port, addr=addr, registry=self.registry)
+        try:
+            self._server, _thread = start_http_server(self.config.port, addr=addr, registry=self.registry)
+        except OSError as error:
+            raise OSError(
+                f"metrics.port: cannot serve /metrics on {addr}:{self.config.port} ({error.strerror}); allowed: a free "
+                "port, 0 (any free port) or -1 (off)"
+            ) from error
         self.port = self._server.server_port
         logger.info("serving Prometheus metrics on %s:%d/metrics", addr, self.port)
         return self.port

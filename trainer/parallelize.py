@@ -11,8 +11,9 @@ happens here, after construction, in this order (torchtitan's):
 Two choices keep parameter names identical to the single-device model (which the optimiser's layer-wise decay,
 ``ema_update`` between differently wrapped student and teacher, and released-layout export rely on): checkpointing
 replaces a block's ``forward`` with a checkpointed call instead of wrapping the block in another module, and
-compilation is in place. The ``ModuleDict`` itself is never called (the step calls ``net["backbone"]`` and the heads),
-so the backbone and each head are FSDP roots of their own rather than children of a ``ModuleDict`` root.
+compilation is in place. The ``ModuleDict`` itself is never called (the step calls the backbone's
+``forward_features*`` and the heads), so the backbone and each head are FSDP roots of their own rather than children
+of a ``ModuleDict`` root, and the backbone's entry points are registered with FSDP2 like ``forward``.
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ from torch.utils.checkpoint import checkpoint
 
 from trainer.config import ParallelConfig
 
-_BACKBONE_ENTRY_POINTS = ("forward_features", "forward_features_list", "get_intermediate_layers")
-
 __all__ = ["apply_activation_checkpointing", "build_on_meta", "materialize", "parallelize", "uses_fsdp"]
 
 logger = logging.getLogger(__name__)
 
+# The training step and evaluation call these backbone methods instead of forward(); FSDP2 must wrap them too.
+_BACKBONE_ENTRY_POINTS = ("forward_features", "forward_features_list", "get_intermediate_layers")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 

@@ -42,11 +42,15 @@ class ToyBackbone(nn.Module):
             if isinstance(module, (nn.Linear, nn.LayerNorm)):
                 module.reset_parameters()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The entry point the training step calls (not ``forward``), as on the real backbone."""
         x = self.patch_embed(x) + self.pos_embed
         for block in self.blocks:
             x = block(x)
-        return self.norm(x).mean(dim=1)
+        return {"x_norm_clstoken": self.norm(x).mean(dim=1)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)["x_norm_clstoken"]
 
 
 class ToyWeightNormLinear(nn.Module):
@@ -90,5 +94,5 @@ def toy_ssl_model(seed: int = 0, **backbone_kwargs: int) -> nn.ModuleDict:
 
 def toy_loss(model: nn.ModuleDict, tokens: torch.Tensor) -> torch.Tensor:
     """A scalar depending on every parameter (both heads)."""
-    features = model["backbone"](tokens)
+    features = model["backbone"].forward_features(tokens)["x_norm_clstoken"]
     return model["dino_head"](features).logsumexp(-1).mean() + model["ibot_head"](features).pow(2).mean()

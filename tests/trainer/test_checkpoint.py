@@ -12,26 +12,20 @@ import torch
 from ssl_toy import toy_loss, toy_ssl_model
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 
 from torch.multiprocessing.spawn import ProcessException
 
 from tests.dist_utils import run_distributed
 from trainer.checkpoint import CheckpointManager, OptimizerState, load_model_weights
-from trainer.config import CheckpointConfig
+from trainer.config import CheckpointConfig, ParallelConfig
+from trainer.parallelize import parallelize
 from trainer.rng import RNGState
 
 FULL = StateDictOptions(full_state_dict=True)
 
 
 def _shard(model: nn.ModuleDict, world_size: int) -> nn.ModuleDict:
-    mesh = init_device_mesh("cpu", (world_size,))
-    for block in model["backbone"].blocks:
-        fully_shard(block, mesh=mesh)
-    for name in ("dino_head", "ibot_head", "backbone"):
-        fully_shard(model[name], mesh=mesh)
-    return model
+    return parallelize(model, ParallelConfig(), world_size=world_size, device=torch.device("cpu"))
 
 
 def _train(model: nn.ModuleDict, optimizer: torch.optim.Optimizer, *, steps: int, seed: int) -> None:

@@ -129,3 +129,10 @@ def test_format_console_line() -> None:
               "images_per_second": 812.44, "data_wait_seconds": 0.0031, "mfu": 0.41}
     expected = "it 120 | loss 9.21 (dino 4.6) | lr 1.20e-03 | 812.4 img/s | data 3.1 ms | mfu 41.0%"
     assert format_console(record) == expected
+
+
+def test_a_busy_port_is_reported_with_the_field(metrics: TrainMetrics) -> None:
+    port = metrics.start_server(addr="127.0.0.1")
+    clash = TrainMetrics(MetricsConfig(port=port), enabled=True)
+    with pytest.raises(OSError, match=rf"metrics.port: cannot serve /metrics on 127.0.0.1:{port}"):
+        clash.start_server(addr="127.0.0.1")
