@@ -111,6 +111,7 @@ def run_distributed(
                 for process in context.processes:
                     if process.is_alive():
                         process.kill()
+                        process.join()
                 raise TimeoutError(f"ranks {alive} of {world_size} still running after {timeout_s:.0f} s")
         results = []
         for rank in range(world_size):

@@ -468,21 +468,8 @@ def load_model_weights(
     """
     path = resolve_checkpoint(path)
     reader = _storage(path, reader=True)
-    saved = reader.read_metadata().state_dict_metadata
-    targets: dict[str, dict[str, Any]] = {prefix: get_model_state_dict(module) for prefix, module in modules.items()}
-    to_load: dict[str, Any] = {}
-    mismatched: dict[str, tuple[str, str]] = {}
-    for prefix, state in targets.items():
-        for name, tensor in state.items():
-            key = f"{prefix}.{name}"
-            if key not in saved:
-                raise KeyError(f"{key!r} is not in checkpoint {path!r} (wrong prefix {prefix!r} or architecture?)")
-            size = saved[key].size
-            if size == tensor.shape:
-                to_load[key] = tensor
-            else:
-                to_load[key] = torch.empty(size, dtype=saved[key].properties.dtype)
-                mismatched[key] = (prefix, name)
+    targets = {prefix: get_model_state_dict(module) for prefix, module in modules.items()}
+    to_load, mismatched = _weight_targets(path, reader.read_metadata().state_dict_metadata, targets)
     dcp.load(to_load, storage_reader=reader)
     unresolved: dict[str, torch.Tensor] = {}
     for key, (prefix, name) in mismatched.items():
@@ -496,8 +483,28 @@ def load_model_weights(
             value = distribute_tensor(value, target.device_mesh, target.placements)
         targets[prefix][name] = value
     for prefix, module in modules.items():
-        keys = {name for key, (p, name) in mismatched.items() if p == prefix and key in unresolved}
-        set_model_state_dict(module, targets[prefix], options=StateDictOptions(strict=not keys))
+        partial = any(key.startswith(f"{prefix}.") for key in unresolved)
+        set_model_state_dict(module, targets[prefix], options=StateDictOptions(strict=not partial))
     logger.info("initialised %s from %s (%d shape changes, %d left to the caller)",
                 sorted(modules), path, len(mismatched), len(unresolved))
     return unresolved
+
+
+def _weight_targets(
+    path: str, saved: Mapping[str, Any], targets: Mapping[str, Mapping[str, Any]]
+) -> tuple[dict[str, Any], dict[str, tuple[str, str]]]:
+    """DCP load targets keyed like the checkpoint: the module's own tensors (loaded in place, shards included), or
+    a full tensor of the saved shape where shapes differ; and those ``{key: (prefix, name)}``."""
+    to_load: dict[str, Any] = {}
+    mismatched: dict[str, tuple[str, str]] = {}
+    for prefix, state in targets.items():
+        for name, tensor in state.items():
+            key = f"{prefix}.{name}"
+            if key not in saved:
+                raise KeyError(f"{key!r} is not in checkpoint {path!r} (wrong prefix {prefix!r} or architecture?)")
+            if saved[key].size == tensor.shape:
+                to_load[key] = tensor
+            else:
+                to_load[key] = torch.empty(saved[key].size, dtype=saved[key].properties.dtype)
+                mismatched[key] = (prefix, name)
+    return to_load, mismatched
