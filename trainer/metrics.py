@@ -199,6 +199,16 @@ class TrainMetrics:
             self._server = None
 
 
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
+
+
 class JsonlLogger:
     """Appends one JSON object per line to ``path`` (a local path, or an fsspec URI), flushed per record.
 
@@ -221,9 +231,8 @@ class JsonlLogger:
         self._last_upload = time.monotonic()
 
     def write(self, record: Mapping[str, Any]) -> None:
-        """Append ``record`` (non-finite floats are written as null: JSON has no NaN)."""
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self._handle.write(json.dumps(clean, sort_keys=False) + "\n")
+        """Append ``record`` (non-finite floats, also nested ones, are written as null: JSON has no NaN)."""
+        self._handle.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
         self._handle.flush()
         if self._remote is not None and time.monotonic() - self._last_upload >= self._upload_interval_s:
             self._upload()

@@ -108,10 +108,11 @@ def test_jsonl_logger_appends_flushed_lines(tmp_path: Path) -> None:
     log = JsonlLogger(str(path))
     log.write({"iteration": 10, "loss/total": 1.5})
     assert json.loads(path.read_text()) == {"iteration": 10, "loss/total": 1.5}  # flushed before close
-    log.write({"iteration": 20, "loss/total": float("nan")})
+    nan, inf = float("nan"), float("inf")
+    log.write({"iteration": 20, "loss/total": nan, "losses": {"dino": inf, "ibot": [1.0, nan]}})
     log.close()
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert lines[1] == {"iteration": 20, "loss/total": None}
+    assert lines[1] == {"iteration": 20, "loss/total": None, "losses": {"dino": None, "ibot": [1.0, None]}}
 
 
 def test_jsonl_logger_uploads_to_an_object_store_on_close() -> None:
