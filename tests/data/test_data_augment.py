@@ -53,8 +53,8 @@ def test_same_seed_same_crops_other_seed_other_crops(fast_path: bool) -> None:
 
 def test_deferred_colour_returns_uint8_crops_and_params() -> None:
     sample = MultiCropAugmentation(CROPS, defer_colour=True)(jpeg_bytes(2, 48), seed=1)
-    assert sample.global_crops.shape == (2, 32, 32, 3) and sample.global_crops.dtype == torch.uint8
-    assert sample.local_crops.shape == (4, 16, 16, 3)
+    assert sample.global_crops.shape == (2, 3, 32, 32) and sample.global_crops.dtype == torch.uint8
+    assert sample.local_crops.shape == (4, 3, 16, 16)
     assert len(sample.global_colour) == 2 and len(sample.local_colour) == 4
     assert not sample.global_colour.solarize[0]  # solarize never on global crop 1
 

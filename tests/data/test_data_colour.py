@@ -68,10 +68,10 @@ def test_grayscale_and_normalize_match_torchvision() -> None:
 
 
 def test_uint8_to_float_is_planar_and_scaled() -> None:
-    crops = torch.randint(0, 256, (2, 5, 6, 3), dtype=torch.uint8)
-    out = uint8_to_float(crops)
+    channels_last = torch.randint(0, 256, (2, 5, 6, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    out = uint8_to_float(channels_last)
     assert out.shape == (2, 3, 5, 6) and out.is_contiguous()
-    torch.testing.assert_close(out, crops.permute(0, 3, 1, 2).float() / 255)
+    torch.testing.assert_close(out, channels_last.float() / 255)
 
 
 def _random_params(n: int, seed: int) -> ColourParams:

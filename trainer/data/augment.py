@@ -6,7 +6,7 @@ sigma U(0.1, 2.0)) with per-crop probabilities, solarize (threshold 128) on glob
 
 Fast path (``data.crops.fast_path``): every random parameter is drawn first from one ``numpy`` generator seeded per
 sample; the JPEG is then decoded with libjpeg's DCT scaling (``draft``) at 1/2, 1/4 or 1/8 size when every crop's
-source region still holds at least its output size; each crop is cut and resized once on uint8 by PIL; the colour
+source region still holds at least its output size; each crop is cut and resized once on uint8 by torch; the colour
 ops run on small float tensors (:mod:`trainer.data.colour`). With ``gpu_augment`` the colour ops are deferred: the
 crops stay uint8 and their :class:`ColourParams` travel with the batch to the device.
 
@@ -60,7 +60,7 @@ class BadImageError(ValueError):
 
 @dataclass
 class MultiCropSample:
-    """The crops of one image. Float [n, 3, H, W] normalised, or uint8 [n, H, W, 3] with colour params deferred."""
+    """The crops of one image: float [n, 3, H, W] normalised, or uint8 [n, 3, H, W] with the colour deferred."""
 
     global_crops: torch.Tensor
     local_crops: torch.Tensor
@@ -229,30 +229,39 @@ class MultiCropAugmentation:
         plan = self.sample_plan(rng, width, height)
         factor = _draft_factor(plan.boxes, self.crop_sizes) if header.format == "JPEG" else 1
         image = load_rgb(header, draft_size=(width // factor, height // factor) if factor > 1 else None)
-        # libjpeg scales by exactly 1/factor (the last row/column may be padded); otherwise no rescaling.
-        scale = 1 / factor
-        arrays = []
-        for (left, top, crop_w, crop_h), size, flip in zip(plan.boxes, self.crop_sizes, plan.flips):
-            box = (left * scale, top * scale, (left + crop_w) * scale, (top + crop_h) * scale)
-            crop = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
-            if flip:  # PIL flips in C; numpy's negative-stride copy in np.stack is far slower
-                crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            arrays.append(np.asarray(crop))
-        global_u8 = torch.from_numpy(np.stack(arrays[:2]))
-        num_local = self.crops.num_local
-        local_size = self.crops.local_size
-        local_u8 = (
-            torch.from_numpy(np.stack(arrays[2:]))
-            if num_local
-            else torch.empty(0, local_size, local_size, 3, dtype=torch.uint8)
-        )
+        # [1, 3, H, W] channels-last view of the decoded pixels (np.array: a writable copy torch can wrap).
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0)
+        crops = [
+            _resized_crop(pixels, box, size, flip, factor)
+            for box, size, flip in zip(plan.boxes, self.crop_sizes, plan.flips)
+        ]
+        global_u8 = torch.cat(crops[:2])
+        size = self.crops.local_size
+        local_u8 = torch.cat(crops[2:]) if crops[2:] else torch.empty(0, 3, size, size, dtype=torch.uint8)
         if self.defer_colour:
             return MultiCropSample(global_u8, local_u8, plan.global_colour, plan.local_colour)
         return MultiCropSample(_finish(global_u8, plan.global_colour), _finish(local_u8, plan.local_colour))
 
 
+def _resized_crop(
+    pixels: torch.Tensor, box: tuple[int, int, int, int], size: int, flip: bool, factor: int
+) -> torch.Tensor:
+    """Crop ``box`` (original-image coordinates) of uint8 [1, 3, H, W] pixels decoded at 1/``factor`` scale, resize
+    it to ``size`` (bicubic, antialiased: torch's uint8 kernel matches PIL to 1 level and runs about 4x faster) and
+    flip it horizontally when asked. Returns uint8 [1, 3, size, size]."""
+    left, top, crop_w, crop_h = box
+    if factor > 1:  # libjpeg scaled by exactly 1/factor; round the box onto the reduced pixel grid
+        right, bottom = round((left + crop_w) / factor), round((top + crop_h) / factor)
+        left, top = min(round(left / factor), right - 1), min(round(top / factor), bottom - 1)
+    else:
+        right, bottom = left + crop_w, top + crop_h
+    region = pixels[:, :, top:bottom, left:right]
+    crop = torch.nn.functional.interpolate(region, size=(size, size), mode="bicubic", antialias=True)
+    return crop.flip(-1) if flip else crop
+
+
 def _finish(crops_u8: torch.Tensor, colour: ColourParams) -> torch.Tensor:
-    """uint8 [n, H, W, 3] -> colour ops -> normalised float [n, 3, H, W]."""
+    """uint8 [n, 3, H, W] -> colour ops -> normalised float [n, 3, H, W]."""
     crops = uint8_to_float(crops_u8)
     if crops.shape[0]:
         apply_colour_ops(crops, colour)

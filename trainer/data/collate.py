@@ -68,9 +68,24 @@ def _crop_major_params(per_image: list[ColourParams]) -> dict[str, torch.Tensor]
     }
 
 
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty batch tensor; in a DataLoader worker it is allocated in shared memory, as ``default_collate`` does,
+    so handing it to the main process costs no extra copy."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+
+
 def _crop_major(per_image: list[torch.Tensor]) -> torch.Tensor:
     """B tensors [n_crops, ...] -> [n_crops * B, ...] with crop k of image b at k * B + b."""
-    return torch.stack(per_image, dim=1).flatten(0, 1)
+    first = per_image[0]
+    out = _batch_tensor((first.shape[0], len(per_image), *first.shape[1:]), first.dtype)
+    torch.stack(per_image, dim=1, out=out)
+    return out.flatten(0, 1)
 
 
 class MultiCropCollate:

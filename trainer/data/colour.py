@@ -69,6 +69,9 @@ class ColourParams:
         return int(self.jitter.shape[0])
 
     def to(self, device: torch.device | str) -> ColourParams:
+        """The parameters on ``device`` (``self`` when they are there already)."""
+        if all(getattr(self, f.name).device == torch.device(device) for f in fields(self)):
+            return self
         return ColourParams(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
     @classmethod
@@ -102,6 +105,12 @@ def _saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return x.mul_(_column(factor)).add_(gray).clamp_(0.0, 1.0)
 
 
+def _step(difference: torch.Tensor) -> torch.Tensor:
+    """1.0 where ``difference >= 0``, else 0.0 (for |difference| < 1e-30 a weight in between). Comparisons and
+    bool-to-float casts are several times slower than this multiply-add-clamp on the CPU."""
+    return (difference * 1e30).add_(1.0).clamp_(0.0, 1.0)
+
+
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate the HSV hue of [n, 3, H, W] (values in [0, 1]) by ``shift`` turns per crop; V and S are unchanged.
 
@@ -112,17 +121,20 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     red, green, blue = x[:, 0], x[:, 1], x[:, 2]
     max_c, min_c = x.amax(dim=1), x.amin(dim=1)
     chroma = max_c - min_c
-    # One-hot of the max channel, ties resolved red > green > blue as torchvision does.
-    is_red = ((red >= green) & (red >= blue)).to(x.dtype)
-    is_blue = ((blue > red) & (blue > green)).to(x.dtype)
-    is_green = 1 - is_red - is_blue
-    numerator = (green - blue).mul_(is_red).add_((blue - red).mul_(is_green)).add_((red - green).mul_(is_blue))
-    hue = numerator.div_(chroma.clamp_min(1e-12))  # a grey pixel has chroma 0: any hue reconstructs it
-    hue.add_(is_green.mul_(2)).add_(is_blue.mul_(4)).add_((6 * shift).reshape(-1, 1, 1))
+    d_rg, d_gb, d_br = red - green, green - blue, blue - red
+    # Weights of "red / green / blue is the max channel" (ties: red, then green, as torchvision). Where channels
+    # tie, the neighbouring sextant formulas give the same hue, so the exact tie weight does not matter.
+    r_ge_g, g_ge_b, r_ge_b = _step(d_rg), _step(d_gb), _step(d_br.neg())
+    is_red = r_ge_g.mul_(r_ge_b)
+    is_blue = (1 - r_ge_b).mul_(g_ge_b.neg_().add_(1))
+    is_green = (1 - is_red).sub_(is_blue)
+    hue = d_gb.mul_(is_red).addcmul_(d_br, is_green).addcmul_(d_rg, is_blue)
+    hue.div_(chroma.clamp_min(1e-12))  # a grey pixel has chroma 0: any hue reconstructs it
+    hue.add_(is_green, alpha=2.0).add_(is_blue, alpha=4.0).add_((6 * shift).reshape(-1, 1, 1))
     k = hue.unsqueeze(1) + _hue_offsets(x)  # in [-0.6, 10.6]: hue in [-1, 5] plus a shift of at most 0.6 sextant
     # The profile clamp(|k - 2| - 1, 0, 1) repeats every 6 sextants and is 1 from 2 sextants away on, so over
-    # [-0.6, 10.6] it is the sum of the profiles centred at 2 and 8, minus 1 (floor/remainder/minimum are slow on
-    # the CPU). clamp(|d| - 1, 0, 1) = clamp(|d|, 1, 2) - 1, and the -3 folds into the offset.
+    # [-0.6, 10.6] it is the sum of the profiles centred at 2 and 8, minus 1 (no mod: floor and remainder are slow
+    # on the CPU). clamp(|d| - 1, 0, 1) = clamp(|d|, 1, 2) - 1, and the -3 folds into the offset.
     profile = (k - 2).abs_().clamp_(1.0, 2.0).add_(k.sub_(8).abs_().clamp_(1.0, 2.0))
     return profile.mul_(chroma.unsqueeze(1)).add_((min_c - 3 * chroma).unsqueeze(1))
 
@@ -192,14 +204,13 @@ def _solarize(x: torch.Tensor) -> torch.Tensor:
     return x.add_(above.mul_(1 - 2 * x))  # x -> 1 - x where above, branch-free
 
 
-def _apply_to(x: torch.Tensor, selected: torch.Tensor, op, *args: torch.Tensor) -> None:
-    """Apply ``op`` in place to the crops where ``selected`` is true.
+def _apply_to(x: torch.Tensor, index: np.ndarray, op, *args: torch.Tensor) -> None:
+    """Apply ``op`` in place to the crops ``index`` (sorted) of ``x``.
 
-    Consecutive selected crops are processed through a view (no copy); scattered ones through one gather and one
-    scatter (a batch on the GPU, or some local crops of an image).
+    Consecutive crops are processed through a view (no copy); scattered ones through one gather and one scatter.
+    The selection is computed on the host: a handful of numpy calls beat dozens of tiny tensor ops per image.
     """
-    index = selected.nonzero().flatten()
-    count = index.numel()
+    count = len(index)
     if count == 0:
         return
     start = int(index[0])
@@ -209,20 +220,24 @@ def _apply_to(x: torch.Tensor, selected: torch.Tensor, op, *args: torch.Tensor) 
         if result.data_ptr() != view.data_ptr():
             view.copy_(result)
         return
-    x.index_copy_(0, index, op(x.index_select(0, index), *(a.index_select(0, index) for a in args)))
+    rows = torch.from_numpy(index).to(x.device)
+    x.index_copy_(0, rows, op(x.index_select(0, rows), *(a.index_select(0, rows) for a in args)))
 
 
 def apply_colour_ops(x: torch.Tensor, params: ColourParams) -> torch.Tensor:
     """Colour jitter (random order per crop), grayscale, blur and solarize of [N, 3, H, W] floats in [0, 1]."""
     if x.shape[0] != len(params):
         raise ValueError(f"colour params for {len(params)} crops, got {x.shape[0]} crops")
+    host = params.to("cpu")
+    jitter, order = host.jitter.numpy(), host.order.numpy()
+    values = params.to(x.device)
     for slot in range(NUM_JITTER_OPS):
         for op_id, op in enumerate(_JITTER_OPS):
-            selected = params.jitter & (params.order[:, slot] == op_id)
-            _apply_to(x, selected, op, params.factors[:, op_id])
-    _apply_to(x, params.grayscale, lambda crops: grayscale(crops).expand(-1, 3, -1, -1))
-    _apply_to(x, params.blur_sigma > 0, gaussian_blur, params.blur_sigma)
-    _apply_to(x, params.solarize, _solarize)
+            index = np.flatnonzero(jitter & (order[:, slot] == op_id))
+            _apply_to(x, index, op, values.factors[:, op_id])
+    _apply_to(x, np.flatnonzero(host.grayscale.numpy()), lambda crops: grayscale(crops).expand(-1, 3, -1, -1))
+    _apply_to(x, np.flatnonzero(host.blur_sigma.numpy() > 0), gaussian_blur, values.blur_sigma)
+    _apply_to(x, np.flatnonzero(host.solarize.numpy()), _solarize)
     return x
 
 
@@ -233,7 +248,7 @@ def normalize_(x: torch.Tensor) -> torch.Tensor:
 
 
 def uint8_to_float(crops: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """[N, H, W, 3] uint8 (channels last, as decoded) -> [N, 3, H, W] float32 in [0, 1]."""
-    tensor = torch.as_tensor(crops).permute(0, 3, 1, 2)
+    """uint8 [N, 3, H, W] in any memory layout -> contiguous float32 [N, 3, H, W] in [0, 1]."""
+    tensor = torch.as_tensor(crops)
     # Planar (contiguous NCHW) output: per-channel ops on a channels-last float tensor run several times slower.
     return tensor.to(torch.float32, memory_format=torch.contiguous_format).mul_(1 / 255)

@@ -40,7 +40,8 @@ def eval_transform(data: bytes | Image.Image, *, image_size: int) -> torch.Tenso
     image = image.resize(size, Image.Resampling.BICUBIC)
     left, top = (size[0] - image_size) // 2, (size[1] - image_size) // 2
     image = image.crop((left, top, left + image_size, top + image_size))
-    return normalize_(uint8_to_float(np.array(image)[None]))[0]
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0)
+    return normalize_(uint8_to_float(pixels))[0]
 
 
 class EvalDataset(Dataset):

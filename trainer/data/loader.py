@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from trainer.config import ConfigError, TrainConfig
 from trainer.data.collate import MultiCropCollate, finish_deferred_colour
 from trainer.data.synthetic import SyntheticDataset, synthetic_image_size
+from trainer.data.workers import worker_init
 
 __all__ = ["TrainLoader", "build_train_loader", "sync_world_env"]
 
@@ -158,6 +159,7 @@ class TrainLoader:
             pin_memory=self.device is not None and self.device.type == "cuda",
             drop_last=True,  # every rank steps on full, equal batches; the ragged epoch tail is skipped
             persistent_workers=False,  # workers must see each pass's start position
+            worker_init_fn=worker_init if workers else None,
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
