@@ -32,7 +32,8 @@ def test_prepare_json_output(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report == {"out": str(tmp_path / "out"), "samples": 3, "skipped": 0, "classes": ["a", "b"], "format": "folder"}
+    expected = {"out": str(tmp_path / "out"), "samples": 3, "skipped": 0, "classes": ["a", "b"], "format": "folder"}
+    assert report == expected
 
 
 def test_prepare_user_mistakes_exit_2(tmp_path: Path) -> None:

@@ -129,7 +129,7 @@ def sample_colour_params(
     return ColourParams(
         jitter=torch.from_numpy(jitter),
         factors=torch.from_numpy(factors.astype(np.float32)),
-        order=torch.from_numpy(order.astype(np.int64)),
+        order=torch.from_numpy(order),
         grayscale=torch.from_numpy(grayscale),
         blur_sigma=torch.from_numpy(sigma.astype(np.float32)),
         solarize=torch.from_numpy(solarize),
@@ -227,7 +227,7 @@ class MultiCropAugmentation:
         header = open_image(data)
         width, height = header.size
         plan = self.sample_plan(rng, width, height)
-        factor = _draft_factor(plan.boxes, self.crop_sizes) if header.format == "JPEG" else 1
+        factor = _draft_factor(plan.boxes, self.crop_sizes) if header.format in ("JPEG", "MPO") else 1
         image = load_rgb(header, draft_size=(width // factor, height // factor) if factor > 1 else None)
         # [1, 3, H, W] channels-last view of the decoded pixels (np.array: a writable copy torch can wrap).
         pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0)

@@ -3,7 +3,7 @@
 Output (docs/contracts.md; crop-major = all images' crop 0, then all images' crop 1, ...)::
 
     sample_ids       list[str]          FIRST key: StreamingDataLoader-style counters take len(first value)
-    global_crops     float [2B, 3, G, G]  (uint8 [2B, G, G, 3] plus "colour" when the colour ops are deferred)
+    global_crops     float [2B, 3, G, G]  normalised (uint8 when the colour ops are deferred, see "colour")
     local_crops      float [L*B, 3, l, l]
     masks            bool [2B, N]       iBOT masks of the global crops, N = (G / patch)^2
     mask_indices     long [M]           indices into masks.flatten()
@@ -11,6 +11,8 @@ Output (docs/contracts.md; crop-major = all images' crop 0, then all images' cro
     labels           long [B]           -1 when unknown
     num_bad_samples  int                samples of this batch that could not be decoded (replaced)
     bad_sample_ids   list[str]          their ids
+    colour           dict               only with deferred colour (gpu_augment): crop-major ColourParams fields
+                                        of the "global" and "local" crops; finish_deferred_colour consumes it
 
 Every random draw is seeded from ``(seed, epoch, global position)`` of the sample (masks: of the batch's first
 sample), so a resumed or resized run produces the very same batches.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import fields
 from typing import Any
@@ -73,10 +76,7 @@ def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     so handing it to the main process costs no extra copy."""
     if get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
-    numel = 1
-    for dim in shape:
-        numel *= dim
-    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape))
     return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
@@ -207,8 +207,7 @@ def finish_deferred_colour(batch: dict[str, Any], device: torch.device | str) ->
     with single_threaded() if on_cpu else contextlib.nullcontext():
         for key, group in (("global_crops", "global"), ("local_crops", "local")):
             crops = uint8_to_float(batch[key].to(device, non_blocking=True))
-            params = ColourParams(**colour[group]).to(device)
             if crops.shape[0]:
-                apply_colour_ops(crops, params)
+                apply_colour_ops(crops, ColourParams(**colour[group]))  # selects on the host, computes on device
             out[key] = normalize_(crops)
     return out

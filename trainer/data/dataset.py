@@ -7,11 +7,9 @@ synthetic dataset and the rest of the trainer never pay for it.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
-from urllib.parse import urlparse
-
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 from trainer.config import ConfigError, DataConfig, StreamConfig
 
@@ -19,8 +17,6 @@ if TYPE_CHECKING:
     from trainer.data.positioned import PositionedStreamingDataset
 
 __all__ = ["build_streaming_dataset", "build_streams", "resolve_stream_location"]
-
-logger = logging.getLogger(__name__)
 
 
 def resolve_stream_location(stream: StreamConfig, *, cache_dir: str, path: str) -> tuple[str | None, str]:

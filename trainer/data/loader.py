@@ -146,6 +146,9 @@ class TrainLoader:
             self.dataset.start_sample = self.samples_seen
             return
         self.dataset.epoch, self.dataset.sample_in_epoch = self.epoch, self.sample_in_epoch
+        # Streaming resumes from this slot only if it is not older than its own epoch counter, which its workers
+        # advance at every pass: rewind the counter too, so a second iter() mid-epoch resumes rather than skipping.
+        self.dataset.next_epoch = self.epoch
         self.dataset.load_state_dict({"epoch": self.epoch, "sample_in_epoch": self.sample_in_epoch, **self.order})
 
     def _pass(self) -> DataLoader:

@@ -147,8 +147,8 @@ def list_fashion_mnist(root: str | os.PathLike = FASHION_MNIST_DIR, *, split: st
     images = _read_idx(images_path, 2051)
     labels = _read_idx(root_path / f"{stem}-labels-idx1-ubyte.gz", 2049)
     return [
-        SourceItem(f"fashion-mnist/{split}/{index:05d}", int(labels[index]), lambda index=index: _png_bytes(images[index]))
-        for index in range(len(images))
+        SourceItem(f"fashion-mnist/{split}/{i:05d}", int(labels[i]), lambda i=i: _png_bytes(images[i]))
+        for i in range(len(images))
     ]
 
 
@@ -180,7 +180,7 @@ def _source_items(source: str, format: str, split: str) -> tuple[list[SourceItem
     raise ValueError(f"--format: invalid value {format!r}; allowed: {', '.join(FORMATS)}")
 
 
-def iter_samples(items: list[SourceItem], *, source_name: str, verify: bool) -> Iterator[tuple[SourceItem, dict | None]]:
+def _rows(items: list[SourceItem], *, source_name: str, verify: bool) -> Iterator[tuple[SourceItem, dict | None]]:
     """``(item, MDS row)`` per item; the row is None when ``verify`` is on and the image does not decode."""
     for item in items:
         data = item.read()
@@ -213,10 +213,11 @@ def prepare_dataset(
     items, classes, source_name = _source_items(source, format, split)
     items = items[:limit] if limit is not None else items
     if not items:
-        raise ValueError(f"SOURCE: {source!r} holds no images; allowed extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}")
+        allowed = ", ".join(sorted(IMAGE_EXTENSIONS))
+        raise ValueError(f"SOURCE: {source!r} holds no images; allowed extensions: {allowed}")
     result = PrepareResult(out=out if isinstance(out, str) else out[1], num_samples=0, classes=classes)
     with open_writer(_writer_out(out), size_limit=shard_size, exist_ok=overwrite) as writer:
-        for done, (item, row) in enumerate(iter_samples(items, source_name=source_name, verify=verify), start=1):
+        for done, (item, row) in enumerate(_rows(items, source_name=source_name, verify=verify), start=1):
             if row is None:
                 result.num_skipped += 1
                 result.skipped_ids.append(item.sample_id)
