@@ -32,11 +32,13 @@ __all__ = [
     "DataSpec",
     "DinoExperiment",
     "EnvVar",
+    "EvaluationSpec",
     "ExperimentSpec",
     "FailureBudget",
     "Metadata",
     "MonitoringSpec",
     "NodeRange",
+    "PrepareSpec",
     "QueueSpec",
     "ResourcesSpec",
     "SecretKeyRef",
@@ -83,8 +85,11 @@ def _storage_uri(value: str) -> str:
     match = _URI.match(value)
     if not match or match["scheme"] not in STORAGE_SCHEMES:
         raise ValueError("a URI s3://bucket/path, gs://bucket/path, file:///absolute/path or pvc://claim/path")
-    if match["scheme"] == "file" and not match["rest"].startswith("/"):
-        raise ValueError("file:// followed by an absolute path, e.g. file:///data/runs")
+    if match["scheme"] == "file" and not match["rest"].startswith(("/", "./", "../")):
+        raise ValueError(
+            "file:// followed by an absolute path (file:///data/runs) or, for dino-ctl run, a path relative to the "
+            "current directory (file://./runs)"
+        )
     if match["scheme"] == "pvc" and not DNS_LABEL.match(match["rest"].split("/", 1)[0]):
         raise ValueError("pvc://claim/path where claim is the name of a PersistentVolumeClaim")
     return value
@@ -177,6 +182,18 @@ class StorageSpec(SpecModel):
     """S3-compatible endpoint (e.g. MinIO), exported as AWS_ENDPOINT_URL and S3_ENDPOINT_URL."""
 
 
+class PrepareSpec(SpecModel):
+    """How ``dino-ctl run`` writes a dataset that is missing (on a cluster, run ``dino-ctl data prepare`` first)."""
+
+    format: Literal["fashion-mnist", "folder", "list"]
+    """``fashion-mnist``: the Debian package's idx files; ``folder``: class sub-folders; ``list``: a file of paths."""
+    source: str | None = None
+    """Input location; defaults to /usr/share/datasets/fashion-mnist for ``fashion-mnist``."""
+    split: Literal["train", "test"] = "train"
+    limit: int | None = Field(default=None, gt=0)
+    """Keep the first N images."""
+
+
 class StreamSpec(SpecModel):
     """One MDS stream of training data (mosaicml-streaming ``Stream``)."""
 
@@ -185,6 +202,22 @@ class StreamSpec(SpecModel):
     proportion: float | None = Field(default=None, gt=0)
     repeat: float | None = Field(default=None, gt=0)
     choose: int | None = Field(default=None, gt=0)
+    prepare: PrepareSpec | None = None
+    """Write the shards at ``local`` (or a file:// ``remote``) before a local run when they are missing."""
+
+
+class EvaluationSpec(SpecModel):
+    """Frozen-feature evaluation of the final backbone after ``dino-ctl run`` (next to a random-init baseline)."""
+
+    train: str
+    """Labelled MDS dataset or image folder the classifier is fitted on."""
+    test: str
+    """Labelled MDS dataset or image folder it is scored on."""
+    prepare_train: PrepareSpec | None = None
+    prepare_test: PrepareSpec | None = None
+    limit_train: int | None = Field(default=None, gt=0)
+    limit_test: int | None = Field(default=None, gt=0)
+    protocols: list[Literal["knn", "linear"]] = Field(default_factory=lambda: ["knn"], min_length=1)
 
 
 class DataSpec(SpecModel):
@@ -338,6 +371,7 @@ class ExperimentSpec(SpecModel):
     env: list[EnvVar] = Field(default_factory=list)
     train_job: TrainJobSpec = Field(default_factory=TrainJobSpec)
     torchx: TorchXSpec = Field(default_factory=TorchXSpec)
+    evaluation: EvaluationSpec | None = None
     stages: list[StageSpec] = Field(min_length=1)
 
     def stage(self, name: str) -> StageSpec:

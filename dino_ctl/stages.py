@@ -101,7 +101,7 @@ def _spec_values(experiment: DinoExperiment, stage_name: str, resolve: Any) -> d
         "stage": {},
     }
     if spec.data.streams:
-        streams = [stream.model_dump(exclude_none=True) for stream in spec.data.streams]
+        streams = [stream.model_dump(exclude_none=True, exclude={"prepare"}) for stream in spec.data.streams]
         for stream in streams:
             if "remote" in stream:
                 stream["remote"] = trainer_path(stream["remote"])

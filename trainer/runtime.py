@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -26,7 +27,7 @@ from trainer.config import ModelConfig, TrainConfig, config_from_dict, config_to
 from trainer.data.loader import build_train_loader
 from trainer.distributed import local_rank
 from trainer.metrics import JsonlLogger, TrainMetrics, format_console
-from trainer.models import model_flops_per_image
+from trainer.models import interpolate_pos_embed, model_flops_per_image
 from trainer.parallelize import parallelize
 from trainer.rng import RNGState
 from trainer.ssl import NonFiniteLossError, SSLModels, TrainStep, build_models
@@ -141,7 +142,11 @@ class Runtime:
             source = layout.published_or_latest(stage.init_from)
             if source is None:
                 raise FileNotFoundError(f"stage.init_from: no complete checkpoint in {stage.init_from}")
-            load_model_weights(source.path, {"student": self.models.student, "teacher": self.models.teacher})
+            load_model_weights(
+                source.path,
+                {"student": self.models.student, "teacher": self.models.teacher},
+                resize=self._resize_pos_embed,
+            )
             logger.info("highres stage initialised from %s", source.path)
         elif stage.kind == "distill":
             source = layout.published_or_latest(stage.teacher_from)
@@ -151,6 +156,17 @@ class Runtime:
             logger.info("distillation teacher loaded from %s", source.path)
         self._log_start(resumed_from=None, load_seconds=time.perf_counter() - start)
         return 0
+
+    def _resize_pos_embed(self, key: str, saved: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Stage init at another resolution: interpolate the position embedding to this stage's grid."""
+        if not key.endswith("backbone.pos_embed"):
+            raise ValueError(f"stage.init_from: {key} has shape {tuple(saved.shape)}, this stage needs {tuple(shape)}")
+        grid = math.isqrt(shape[1] - 1)
+        model = self.config.model
+        logger.info("interpolating %s from %d to %d patches", key, saved.shape[1] - 1, shape[1] - 1)
+        return interpolate_pos_embed(
+            saved, (grid, grid), antialias=model.interpolate_antialias, offset=model.interpolate_offset
+        )
 
     def _log_start(self, *, resumed_from: int | None, load_seconds: float) -> None:
         if self.log_file:
@@ -216,16 +232,18 @@ class Runtime:
     def save(self, iteration: int, *, reason: str) -> None:
         if iteration == self._last_saved:
             return
-        start = time.perf_counter()
         losses = {k: v for k, v in self._last_record.items() if k.startswith("loss/")}
-        self.checkpoints.save(iteration, self.state(), meta={"reason": reason, "losses": losses},
-                              blocking=reason != "interval")
-        duration = time.perf_counter() - start
+        blocked = self.checkpoints.save(
+            iteration, self.state(), meta={"reason": reason, "losses": losses}, blocking=reason != "interval"
+        )
         self._last_saved = iteration
-        self.metrics.observe_checkpoint(iteration, duration)
+        # an asynchronous save is published later; its metrics reflect the last published checkpoint
+        published = self.checkpoints.last_saved_iteration
+        if published is not None:
+            self.metrics.observe_checkpoint(published, self.checkpoints.last_save_seconds)
         if self.log_file:
             self.log_file.write({"event": "checkpoint", "iteration": iteration, "reason": reason,
-                                 "seconds": duration, "time": time.time()})
+                                 "blocked_seconds": blocked, "time": time.time()})
 
     def final_model(self) -> nn.Module:
         """The model a stage hands on: the teacher backbone (EMA), or in distillation the student EMA."""

@@ -37,12 +37,14 @@ def _prepare_missing(prepare: Any, location: str) -> None:
     """Write the MDS shards a ``prepare`` block describes unless ``location`` already holds an index."""
     if prepare is None or Path(location, "index.json").exists():
         return
-    from trainer.data.prepare import prepare_dataset
+    from trainer.data.prepare import FASHION_MNIST_DIR, prepare_dataset
 
+    source = prepare.source or (FASHION_MNIST_DIR if prepare.format == "fashion-mnist" else None)
+    if source is None:
+        raise SpecError("prepare.source", None, f"the input location for format {prepare.format}")
     console.print(f"preparing {prepare.format} ({prepare.split}) -> {location}")
-    prepare_dataset(
-        prepare.format, out=location, source=prepare.source, split=prepare.split, limit=prepare.limit
-    )
+    result = prepare_dataset(source, location, format=prepare.format, split=prepare.split, limit=prepare.limit)
+    console.print(f"wrote {result.num_samples} samples ({result.num_skipped} skipped) to {location}")
 
 
 def _progress_callback(progress: Progress, task: Any, stage: str):
