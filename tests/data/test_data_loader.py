@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from tests.data.helpers import jpeg_bytes, tiny_config, write_mds
 from tests.dist_utils import run_distributed
 from trainer.config import ConfigError
 from trainer.data.loader import TrainLoader, build_train_loader
+from trainer.data.workers import keep_freed_memory
 
 SEED = 3
 
@@ -216,3 +218,8 @@ def test_an_epoch_smaller_than_a_batch_is_an_error(tmp_path: Path, world_env) ->
     root = str(write_mds(tmp_path / "small", _ids(5)))
     with pytest.raises(RuntimeError, match="an epoch of 5 samples yields no full batch of 8 per rank x 1 ranks"):
         _take(_loader(tiny_config(streams=[{"remote": root}])), 1)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt tuning is glibc-only")
+def test_workers_keep_freed_memory_on_glibc() -> None:
+    assert keep_freed_memory() is True

@@ -41,6 +41,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision and PIL's "L" conversion
 SOLARIZE_THRESHOLD = 128 / 255  # PIL's solarize(threshold=128) on the uint8 image
 BLUR_KERNEL_SIZE = 9
+NEGLIGIBLE_TAP = 1e-8  # relative to the centre tap: below float32 resolution of the sum (sigma < ~0.7 at tap 4)
 NUM_JITTER_OPS = 4  # brightness, contrast, saturation, hue (the index used in ColourParams.order)
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(NUM_JITTER_OPS)
 
@@ -166,6 +167,8 @@ def _blur_pass(padded: torch.Tensor, kernel: torch.Tensor, dim: int, length: int
         weights = kernel.tolist()
         out = padded.narrow(dim, half, length) * weights[half]
         for k in range(half):
+            if weights[k] < NEGLIGIBLE_TAP * weights[half]:
+                continue  # small sigma: the outer taps change no float32 value
             out.add_(padded.narrow(dim, k, length), alpha=weights[k])
             out.add_(padded.narrow(dim, 2 * half - k, length), alpha=weights[k])
         return out

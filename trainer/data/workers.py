@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD = -1  # glibc mallopt parameters (malloc.h)
 _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 32 << 20  # blocks below this come from the heap (every per-crop temporary)
-TRIM_THRESHOLD_BYTES = 64 << 20  # free heap memory kept for reuse before it is returned to the OS
+TRIM_THRESHOLD_BYTES = 32 << 20  # free heap memory kept for reuse before it is returned to the OS
 
 
 def keep_freed_memory() -> bool:
