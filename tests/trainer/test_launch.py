@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-import train_harness as h
+from tests.trainer import train_harness as h
 from trainer import layout
 
 pytestmark = pytest.mark.slow

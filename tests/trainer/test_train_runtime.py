@@ -14,7 +14,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-import train_harness as h
+from tests.trainer import train_harness as h
 from trainer import layout
 from trainer.checkpoint import load_model_weights
 from trainer.config import config_from_dict
