@@ -411,8 +411,9 @@ class DinoExperiment(SpecModel):
         return self.metadata.namespace
 
     def to_document(self) -> dict[str, Any]:
-        """The document as plain data with wire (camelCase) names, defaults included, status left out."""
-        return self.model_dump(mode="json", by_alias=True, exclude={"status"})
+        """The document as plain data with wire (camelCase) names, defaults included, unset optionals and status
+        left out (the CRD schema has no nullable fields: a null would make the API server reject the object)."""
+        return self.model_dump(mode="json", by_alias=True, exclude={"status"}, exclude_none=True)
 
 
 # ------------------------------------------------------------------------------------------------------------------

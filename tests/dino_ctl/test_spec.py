@@ -29,8 +29,8 @@ def _errors(doc: object) -> list[str]:
          "spec.storage.checkpoints: invalid value '/local/disk'; allowed: a URI s3://bucket/path, gs://bucket/path, "
          "file:///absolute/path or pvc://claim/path"),
         (lambda d: d["spec"]["storage"].update(checkpoints="file://relative"),
-         "spec.storage.checkpoints: invalid value 'file://relative'; allowed: file:// followed by an absolute path, "
-         "e.g. file:///data/runs"),
+         "spec.storage.checkpoints: invalid value 'file://relative'; allowed: file:// followed by an absolute path "
+         "(file:///data/runs) or, for dino-ctl run, a path relative to the current directory (file://./runs)"),
         (lambda d: d["spec"]["storage"].update(checkpoints="pvc://Bad_Claim/x"),
          "spec.storage.checkpoints: invalid value 'pvc://Bad_Claim/x'; allowed: pvc://claim/path where claim is the "
          "name of a PersistentVolumeClaim"),

@@ -28,17 +28,19 @@ spec:
   stages:
     - name: pretrain
       recipe: tiny
-      overrides: {optim.iterations: 6, optim.global_batch_size: 8, checkpoint.interval_iterations: 3,
+      overrides: {optim.iterations: 6, optim.warmup_iterations: 2, optim.global_batch_size: 8, checkpoint.interval_iterations: 3,
                   metrics.port: -1, metrics.log_interval: 1}
     - name: highres
       recipe: tiny
       init: {from: pretrain}
       overrides: {stage.kind: highres, model.img_size: 48, data.crops.global_size: 48, data.crops.local_size: 24,
-                  optim.iterations: 4, optim.global_batch_size: 8, metrics.port: -1, metrics.log_interval: 1}
+                  optim.iterations: 4, optim.warmup_iterations: 2, optim.global_batch_size: 8, metrics.port: -1,
+                  metrics.log_interval: 1}
     - name: distill
       recipe: tiny
       teacher: {from: highres}
-      overrides: {stage.kind: distill, model.depth: 2, optim.iterations: 4, optim.global_batch_size: 8,
+      overrides: {stage.kind: distill, model.depth: 2, optim.iterations: 4, optim.warmup_iterations: 2,
+                  optim.global_batch_size: 8,
                   metrics.port: -1, metrics.log_interval: 1}
 """
 
