@@ -50,6 +50,16 @@ def list_command(spec_path: SpecOption = None, directory: DirOption = None, stag
             "*" if r["published"] else ""] for r in rows])
 
 
+def _single_stage(
+    spec_path: Path | None, directory: str | None, stage: str | None, output: OutputFormat
+) -> Any:
+    """The one stage a command acts on; with a multi-stage spec ``--stage`` must pick it (exit 2 otherwise)."""
+    found = _stages(spec_path, directory, stage, output)
+    if len(found) != 1:
+        fail_spec(SpecError("--stage", stage, "one of " + ", ".join(f.stage for f in found)), output)
+    return found[0]
+
+
 @app.command("show")
 def show(
     checkpoint: Annotated[str | None, typer.Argument(help="Name or iteration (default: newest complete).")] = None,
@@ -61,15 +71,13 @@ def show(
     """One checkpoint's completion record (iteration, world size, time, losses) and its location."""
     from dino_ctl.checkpoints import find_checkpoint
 
-    found = _stages(spec_path, directory, stage, output)
-    if len(found) != 1:
-        fail_spec(SpecError("--stage", stage, "one of " + ", ".join(f.stage for f in found)), output)
+    selected = _single_stage(spec_path, directory, stage, output)
     try:
-        info = find_checkpoint(found[0], checkpoint)
+        info = find_checkpoint(selected, checkpoint)
     except SpecError as exc:
         fail_spec(exc, output)
-    published = found[0].published is not None and info.path.endswith("/" + found[0].published)
-    record = {"stage": found[0].stage, "path": info.path, "iteration": info.iteration, "complete": info.complete,
+    published = selected.published is not None and info.path.endswith("/" + selected.published)
+    record = {"stage": selected.stage, "path": info.path, "iteration": info.iteration, "complete": info.complete,
               "published": published, "meta": info.meta}
     if output == OutputFormat.JSON:
         emit(record)
@@ -91,17 +99,15 @@ def promote_command(
     """Publish a complete checkpoint (PUBLISHED.json): later stages start from it."""
     from dino_ctl.checkpoints import promote
 
-    found = _stages(spec_path, directory, stage, output)
-    if len(found) != 1:
-        fail_spec(SpecError("--stage", stage, "one of " + ", ".join(f.stage for f in found)), output)
+    selected = _single_stage(spec_path, directory, stage, output)
     try:
-        info = promote(found[0], checkpoint)
+        info = promote(selected, checkpoint)
     except SpecError as exc:
         fail_spec(exc, output)
     if output == OutputFormat.JSON:
-        emit({"stage": found[0].stage, "published": info.path, "iteration": info.iteration})
+        emit({"stage": selected.stage, "published": info.path, "iteration": info.iteration})
     else:
-        console.print(f"published {info.path} (iteration {info.iteration}) for stage {found[0].stage}")
+        console.print(f"published {info.path} (iteration {info.iteration}) for stage {selected.stage}")
 
 
 def register(root: typer.Typer) -> None:
