@@ -90,7 +90,7 @@ def _first_step_seconds(config_path: Path, log: Path) -> tuple[float, dict]:
 def _restart_costs(preset: str, directory: str, steps: int) -> dict[str, float]:
     stage = Path(directory) / "stage"
     values = {"recipe": preset, "data": {"dataset": "synthetic", "num_workers": 0},
-              "optim": {"iterations": steps, "global_batch_size": 8},
+              "optim": {"iterations": steps, "global_batch_size": 8, "warmup_iterations": 1},
               "checkpoint": {"dir": str(stage), "interval_iterations": steps},
               "metrics": {"port": -1, "log_interval": 1}}
     config_path = Path(directory) / "stage.yaml"

@@ -97,8 +97,7 @@ def _plot(log_path: Path, knn: dict[str, float] | None, out: Path) -> Path:
         if values:
             loss_ax.plot(*zip(*values), label=name)
     loss_ax.set_xlabel("iteration")
-    loss_ax.set_ylabel("loss")
-    loss_ax.set_yscale("log")
+    loss_ax.set_ylabel("loss")  # linear: KoLeo goes negative once features spread out
     loss_ax.legend()
     loss_ax.set_title("training losses")
     if knn:
