@@ -25,7 +25,9 @@ def _config(**optim) -> TrainConfig:
     }
     values.update(optim)
     overrides = {f"optim.{key}": value for key, value in values.items()}
-    overrides["loss.warmup_teacher_temp_iterations"] = 30
+    # the recipe.md teacher temperature schedule, stated here rather than inherited from the tiny recipe
+    overrides.update({"loss.warmup_teacher_temp": 0.04, "loss.teacher_temp": 0.07,
+                      "loss.warmup_teacher_temp_iterations": 30})
     return resolve_config("tiny", overrides=overrides)
 
 
