@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from trainer.config import ConfigError, TrainConfig, load_config_file, validate_config
 from trainer.runtime import Runtime
+from trainer.ssl import NonFiniteLossError
 
 logger = logging.getLogger("trainer.train")
 
@@ -114,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         logger.error("invalid config: %s", exc)
         return 2
+    except NonFiniteLossError as exc:  # the run cannot continue; the last complete checkpoint is intact
+        logger.error("%s", exc)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from dino_ctl.cli.output import OutputFormat, OutputOption
+
 eval_app = typer.Typer(help="Evaluate frozen features of a trained backbone (k-NN, linear probe).", no_args_is_help=True)
 console = Console(stderr=True)
 
@@ -19,7 +21,6 @@ Network = Annotated[str, typer.Option(help="final (teacher, or student EMA after
 ImageSize = Annotated[int | None, typer.Option(help="eval resolution (default: the model's img_size)")]
 LimitTrain = Annotated[int | None, typer.Option(help="use the first N training samples")]
 LimitTest = Annotated[int | None, typer.Option(help="use the first N test samples")]
-Output = Annotated[str, typer.Option("--output", "-o", help="table or json")]
 Baseline = Annotated[bool, typer.Option(help="also score a random-init backbone and raw pixels")]
 
 
@@ -66,8 +67,8 @@ def run_eval(
     }
 
 
-def _report(report: dict, output: str) -> None:
-    if output == "json":
+def _report(report: dict, output: OutputFormat) -> None:
+    if output == OutputFormat.JSON:
         typer.echo(json.dumps(report))
         return
     table = Table(title=f"{report['protocol']} top-1 ({report['num_train']} train / {report['num_test']} test)")
@@ -88,10 +89,8 @@ def _command(protocol: str):
         limit_train: LimitTrain = None,
         limit_test: LimitTest = None,
         baseline: Baseline = True,
-        output: Output = "table",
+        output: OutputOption = OutputFormat.TEXT,
     ) -> None:
-        if output not in ("table", "json"):
-            raise typer.BadParameter(f"invalid value {output!r}; allowed: table, json", param_hint="--output")
         if network not in ("final", "teacher", "student", "student_ema"):
             raise typer.BadParameter(
                 f"invalid value {network!r}; allowed: final, teacher, student, student_ema", param_hint="--network"

@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from dino_ctl.cli.output import OutputFormat, OutputOption
+
 console = Console(stderr=True)
 
 
@@ -15,7 +17,7 @@ def export(
     source: Annotated[str, typer.Argument(help="stage dir, ckpt-* dir or export dir")],
     out: Annotated[str, typer.Option("--out", help="directory for backbone.safetensors, backbone.pth, model.json")],
     network: Annotated[str, typer.Option(help="final, teacher, student or student_ema")] = "final",
-    output: Annotated[str, typer.Option("--output", "-o", help="text or json")] = "text",
+    output: OutputOption = OutputFormat.TEXT,
 ) -> None:
     """Export a trained backbone as a released-DINOv2-layout state dict (safetensors and .pth)."""
     from trainer.artifacts import export_backbone, load_backbone
@@ -30,7 +32,7 @@ def export(
         "from trainer.models import build_backbone; from trainer.artifacts import read_model_config; "
         f"m = build_backbone(read_model_config('{out}/model.json'), checkpoint='{out}/backbone.pth')"
     )
-    if output == "json":
+    if output == OutputFormat.JSON:
         typer.echo(json.dumps({"out": out, "arch": model_config.arch, "loader": loader}))
     else:
         console.print(f"exported {model_config.arch} backbone to [bold]{out}[/bold]\nload it with:\n  {loader}")

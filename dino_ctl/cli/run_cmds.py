@@ -18,6 +18,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from dino_ctl.cli.output import OutputFormat, OutputOption
 from dino_ctl.errors import SpecError, SpecErrors
 from dino_ctl.local import PREEMPTED_EXIT_CODE, LocalStageResult, read_log_records, run_stage
 
@@ -132,11 +133,9 @@ def run(
     nproc: Annotated[int, typer.Option(help="processes per stage on this machine")] = 1,
     launcher: Annotated[str, typer.Option(help="auto, python, torchrun or torchx")] = "auto",
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="k-NN evaluation after training")] = True,
-    output: Annotated[str, typer.Option("--output", "-o", help="text or json (one JSON summary, last line)")] = "text",
+    output: OutputOption = OutputFormat.TEXT,
 ) -> None:
     """Run an experiment spec on this machine: prepare data, train every stage, evaluate, plot."""
-    if output not in ("text", "json"):
-        raise typer.BadParameter(f"invalid value {output!r}; allowed: text, json", param_hint="--output")
     if launcher not in ("auto", "python", "torchrun", "torchx"):
         raise typer.BadParameter(
             f"invalid value {launcher!r}; allowed: auto, python, torchrun, torchx", param_hint="--launcher"
@@ -162,7 +161,7 @@ def run(
     summaries = []
     for name in selected:
         config = configs[name]
-        result = _train_stage(config, name, nproc=nproc, launcher=launcher, quiet=output == "json")
+        result = _train_stage(config, name, nproc=nproc, launcher=launcher, quiet=output == OutputFormat.JSON)
         summaries.append(_stage_summary(name, config, result))
         if result.exit_code == PREEMPTED_EXIT_CODE:
             console.print(f"[yellow]stage {name} was preempted after a checkpoint; rerun to resume[/yellow]")
@@ -189,8 +188,8 @@ def run(
     _print_report(report, output)
 
 
-def _print_report(report: dict[str, Any], output: str) -> None:
-    if output == "json":
+def _print_report(report: dict[str, Any], output: OutputFormat) -> None:
+    if output == OutputFormat.JSON:
         typer.echo(json.dumps(report))
         return
     from rich.table import Table
