@@ -29,7 +29,7 @@ import yaml  # noqa: E402
 from trainer.batches import random_batch  # noqa: E402
 from trainer.checkpoint import CheckpointManager  # noqa: E402
 from trainer.config import CheckpointConfig, resolve_config  # noqa: E402
-from trainer.ssl import TrainStep, build_models  # noqa: E402
+from trainer.meta_arch import TrainStep, build_models  # noqa: E402
 
 
 def _state_costs(preset: str, directory: str) -> dict[str, float]:

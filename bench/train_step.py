@@ -26,7 +26,7 @@ from trainer.batches import random_batch  # noqa: E402
 from trainer.config import resolve_config  # noqa: E402
 from trainer.models import model_flops_per_image  # noqa: E402
 from trainer.runtime import _peak_flops  # noqa: E402
-from trainer.ssl import TrainStep, build_models  # noqa: E402
+from trainer.meta_arch import TrainStep, build_models  # noqa: E402
 
 
 def _peak_mem(device: torch.device) -> int:

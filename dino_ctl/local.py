@@ -40,15 +40,14 @@ def launch_command(config_path: str, *, nproc: int, launcher: str = "auto") -> l
     """The command that trains one stage locally.
 
     ``auto``: one process runs the entry directly (fast start-up, no rendezvous); more use torchrun with a local
-    c10d rendezvous. ``torchx`` runs the ``dist.ddp`` component on the ``local_cwd`` scheduler (the same component
-    the Kubernetes TorchX backend renders).
+    c10d rendezvous. ``torchx`` runs the ``dist.torchrun`` component on the ``local_cwd`` scheduler (the same
+    component the Kubernetes TorchX backend renders).
     """
     entry = ["-m", "trainer.train", "--config", config_path]
     if launcher == "torchx":
         return [
-            sys.executable, "-m", "torchx.cli.main", "run", "--scheduler", "local_cwd", "dist.ddp",
-            "-j", f"1x{nproc}", "--script", str(Path(__file__).resolve().parents[1] / "trainer" / "train.py"),
-            "--", "--config", config_path,
+            sys.executable, "-m", "torchx.cli.main", "run", "--scheduler", "local_cwd", "dist.torchrun",
+            "-j", f"1x{nproc}", "-m", "trainer.train", "--", "--config", config_path,
         ]
     if launcher == "torchrun" or nproc > 1:
         return [
@@ -94,7 +93,7 @@ def run_stage(
     if launcher == "torchx":
         child_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), child_env.get("PATH", "")])
         if shutil.which("torchrun", path=child_env["PATH"]) is None:
-            raise FileNotFoundError("torchrun is not on PATH; the TorchX dist.ddp component needs it")
+            raise FileNotFoundError("torchrun is not on PATH; the TorchX dist.torchrun component needs it")
     offset = log_path.stat().st_size if log_path.exists() else 0
     start = time.monotonic()
     records: list[dict[str, Any]] = []

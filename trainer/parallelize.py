@@ -1,7 +1,7 @@
 """Apply activation checkpointing, torch.compile and FSDP2 to single-device student/teacher networks.
 
 The networks are ``nn.ModuleDict``s with ``backbone`` (whose ``blocks`` is an ``nn.ModuleList``), ``dino_head`` and
-optionally ``ibot_head`` (see :mod:`trainer.ssl`). Models stay plain single-device code; everything distributed
+optionally ``ibot_head`` (see :mod:`trainer.meta_arch`). Models stay plain single-device code; everything distributed
 happens here, after construction, in this order (torchtitan's):
 
 1. activation checkpointing of every block (student only: the teacher never runs backward),

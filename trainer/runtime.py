@@ -30,7 +30,7 @@ from trainer.metrics import JsonlLogger, TrainMetrics, format_console
 from trainer.models import interpolate_pos_embed, model_flops_per_image
 from trainer.parallelize import parallelize
 from trainer.rng import RNGState
-from trainer.ssl import NonFiniteLossError, SSLModels, TrainStep, build_models
+from trainer.meta_arch import NonFiniteLossError, SSLModels, TrainStep, build_models
 
 logger = logging.getLogger(__name__)
 

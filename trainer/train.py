@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from trainer.config import ConfigError, TrainConfig, load_config_file, validate_config
 from trainer.runtime import Runtime
-from trainer.ssl import NonFiniteLossError
+from trainer.meta_arch import NonFiniteLossError
 
 logger = logging.getLogger("trainer.train")
 

@@ -20,7 +20,7 @@ from trainer.checkpoint import load_model_weights
 from trainer.config import config_from_dict
 from trainer.models import build_backbone
 from trainer.models.checkpoint_io import read_checkpoint
-from trainer.ssl import build_models
+from trainer.meta_arch import build_models
 
 pytestmark = pytest.mark.slow
 PREEMPTED = 143

@@ -9,7 +9,7 @@ import torch
 
 from trainer.batches import random_batch
 from trainer.config import ModelConfig, resolve_config
-from trainer.ssl import NonFiniteLossError, TrainStep, build_models, compute_losses, split_batch
+from trainer.meta_arch import NonFiniteLossError, TrainStep, build_models, compute_losses, split_batch
 
 BATCH = 8
 
