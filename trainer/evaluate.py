@@ -19,7 +19,15 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Features", "extract_features", "knn_top1", "linear_probe_top1", "pixel_features"]
+__all__ = [
+    "Features",
+    "evaluate_backbone",
+    "extract_features",
+    "knn_top1",
+    "labelled_batches",
+    "linear_probe_top1",
+    "pixel_features",
+]
 
 
 @dataclass
