@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from trainer.layout import PREEMPTED_EXIT_CODE
+
 __all__ = ["LocalStageResult", "launch_command", "read_log_records", "run_stage"]
 
-PREEMPTED_EXIT_CODE = 143
 
 
 @dataclass

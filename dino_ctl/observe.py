@@ -14,13 +14,14 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
+from trainer.layout import PREEMPTED_EXIT_CODE
+
 from dino_ctl.naming import ANNOTATION_CANCEL, ANNOTATION_RESTARTS, LABEL_EXPERIMENT, LABEL_STAGE
 
 __all__ = [
     "ANNOTATION_COUNTED_JOB",
     "JOB_KINDS",
     "LABEL_ATTEMPT",
-    "PREEMPTED_EXIT_CODE",
     "Condition",
     "JobPhase",
     "Observed",
@@ -30,8 +31,6 @@ __all__ = [
     "observe",
 ]
 
-PREEMPTED_EXIT_CODE = 143
-"""The trainer's exit code after writing a checkpoint on SIGTERM (``trainer.train.PREEMPTED_EXIT_CODE``)."""
 LABEL_ATTEMPT = "dino-ctl.io/attempt"
 """Submission number of a stage's job (0 first); pods of older attempts are ignored."""
 ANNOTATION_COUNTED_JOB = "dino-ctl.io/counted-job"

@@ -10,7 +10,7 @@ failure even though every worker finished its step, wrote a checkpoint and exite
 - gives the workers the configured preemption grace before torchrun escalates to SIGKILL
   (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``; its default of 30 s is shorter than a large checkpoint),
 - forwards SIGTERM to torchrun and, when a complete checkpoint with ``reason: preemption`` was published after the
-  signal, exits 143 (:data:`trainer.train.PREEMPTED_EXIT_CODE`), otherwise torchrun's own exit code.
+  signal, exits 143 (:data:`trainer.layout.PREEMPTED_EXIT_CODE`), otherwise torchrun's own exit code.
 
 Torch-free: it only reads the config YAML and the checkpoint layout.
 """
@@ -27,11 +27,11 @@ import sys
 import time
 
 from trainer import layout
+from trainer.layout import PREEMPTED_EXIT_CODE
 from trainer.config import load_config_file
 
 logger = logging.getLogger("trainer.launch")
 
-PREEMPTED_EXIT_CODE = 143  # same value as trainer.train.PREEMPTED_EXIT_CODE (that module imports torch)
 _SHUTDOWN_MARGIN_S = 30
 
 

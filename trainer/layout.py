@@ -25,6 +25,7 @@ import fsspec
 
 __all__ = [
     "COMPLETE_MARKER",
+    "PREEMPTED_EXIT_CODE",
     "CONFIG_FILE",
     "PUBLISHED_FILE",
     "CheckpointInfo",
@@ -38,6 +39,9 @@ __all__ = [
 COMPLETE_MARKER = "COMPLETE.json"
 CONFIG_FILE = "config.yaml"
 PUBLISHED_FILE = "PUBLISHED.json"
+PREEMPTED_EXIT_CODE = 143
+"""Exit code of a trainer stopped by SIGTERM after publishing a checkpoint (128 + SIGTERM): the control plane
+resubmits such a stage without counting a failure. Defined here, torch-free, for trainer and control plane alike."""
 _NAME = re.compile(r"^ckpt-(\d{9})$")
 
 

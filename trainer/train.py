@@ -21,12 +21,12 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import ConfigError, TrainConfig, load_config_file, validate_config
-from trainer.runtime import Runtime
+from trainer.layout import PREEMPTED_EXIT_CODE
 from trainer.meta_arch import NonFiniteLossError
+from trainer.runtime import Runtime
 
 logger = logging.getLogger("trainer.train")
 
-PREEMPTED_EXIT_CODE = 143
 
 
 def load_config(path: str | None, overrides: list[str], *, recipe: str | None = None) -> TrainConfig:

@@ -17,10 +17,11 @@ import typer
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from trainer.layout import PREEMPTED_EXIT_CODE
 
 from dino_ctl.cli.output import OutputFormat, OutputOption
 from dino_ctl.errors import SpecError, SpecErrors
-from dino_ctl.local import PREEMPTED_EXIT_CODE, LocalStageResult, read_log_records, run_stage
+from dino_ctl.local import LocalStageResult, read_log_records, run_stage
 
 console = Console(stderr=True)
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 from trainer.config import TrainConfig
+from trainer.layout import PREEMPTED_EXIT_CODE
 
 from dino_ctl.naming import LABEL_COMPONENT, LABEL_MANAGED_BY, LABEL_NAME, MANAGED_BY
-from dino_ctl.observe import PREEMPTED_EXIT_CODE
 from dino_ctl.render.common import (
     TRAINER_COMMAND,
     container_resources,
