@@ -4,7 +4,9 @@
 
 Prints ONE JSON object (last line): images_per_s, step_time_s (median), peak_mem_bytes, model_flops_per_image,
 mfu (CUDA), and the same for a baseline that runs one student forward per crop size with classic drop-path, measured
-in the same process on the same batches, plus ``speedup_vs_unpacked``.
+in the same process on the same batches, plus ``speedup_vs_unpacked``; and the public reference implementation's
+step (facebookresearch/dinov2 from PyPI, bench/reference_dinov2.py) from the same weights on the same batches, with
+``speedup_vs_reference`` and ``memory_ratio_vs_reference`` (``--no-reference`` skips it).
 """
 
 from __future__ import annotations
@@ -35,9 +37,13 @@ def _peak_mem(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def _measure(preset: str, overrides: dict, packed: bool, batch_size: int, steps: int, warmup: int,
+def _measure(preset: str, overrides: dict, mode: str, batch_size: int, steps: int, warmup: int,
              device_name: str) -> dict:
-    """One configuration, run in a fresh process so CPU peak RSS belongs to it alone."""
+    """One configuration, run in a fresh process so CPU peak RSS belongs to it alone.
+
+    ``mode``: "packed" (ours), "unpacked" (ours, one forward per crop size) or "reference" (the public reference's
+    modules, see bench/reference_dinov2.py), all from the same initial weights and on the same batches.
+    """
     device = torch.device(device_name)
     config = resolve_config(preset, overrides=overrides)
     torch.manual_seed(0)
@@ -45,7 +51,16 @@ def _measure(preset: str, overrides: dict, packed: bool, batch_size: int, steps:
     for net in (models.student, models.teacher, models.centers):
         net.to(device)
     dtype = torch.bfloat16 if device.type == "cuda" else None
-    step = TrainStep(models, config, packed=packed)
+    if mode == "reference":
+        import warnings
+
+        from bench.reference_dinov2 import ReferenceStep
+
+        warnings.simplefilter("ignore", FutureWarning)  # the 2023 reference calls since-deprecated torch APIs
+        step = ReferenceStep(models, config, device)
+        del models  # only the reference's copies stay in memory
+    else:
+        step = TrainStep(models, config, packed=mode == "packed")
     batches = [random_batch(config, batch_size, seed=i, device=device) for i in range(2)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -72,6 +87,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=None, help="per-process images (default 4 cpu / 64 cuda)")
     parser.add_argument("--override", action="append", default=[], help="dotted config override key=value")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the public reference implementation's step (bench/reference_dinov2.py)")
     args = parser.parse_args()
     from trainer.config import parse_override
 
@@ -83,10 +100,10 @@ def main() -> None:
     config = resolve_config(args.preset, overrides=overrides)
     baseline_overrides = {**overrides, "model.drop_path_mode": "classic"}
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        ours = pool.apply(_measure, (args.preset, overrides, True, batch_size, args.steps, args.warmup, args.device))
-        base = pool.apply(
-            _measure, (args.preset, baseline_overrides, False, batch_size, args.steps, args.warmup, args.device)
-        )
+        common = (batch_size, args.steps, args.warmup, args.device)
+        ours = pool.apply(_measure, (args.preset, overrides, "packed", *common))
+        base = pool.apply(_measure, (args.preset, baseline_overrides, "unpacked", *common))
+        ref = None if args.no_reference else pool.apply(_measure, (args.preset, overrides, "reference", *common))
     flops = model_flops_per_image(config.model, config.data.crops)
     result = {
         "preset": args.preset,
@@ -99,10 +116,23 @@ def main() -> None:
         "baseline_unpacked": base,
         "speedup_vs_unpacked": base["step_time_s"] / ours["step_time_s"],
     }
+    if ref is not None:
+        from bench.reference_dinov2 import REFERENCE_VERSION, xformers_available
+
+        list_forward = device.type == "cuda" and xformers_available()
+        result["reference"] = {
+            **ref,
+            "implementation": REFERENCE_VERSION,
+            "student_forward": "packed list (xformers)" if list_forward else "one forward per crop size",
+        }
+        result["speedup_vs_reference"] = ref["step_time_s"] / ours["step_time_s"]
+        result["memory_ratio_vs_reference"] = ours["peak_mem_bytes"] / ref["peak_mem_bytes"]
     peak = _peak_flops(device)
     if peak:
         result["mfu"] = flops * ours["images_per_s"] / peak
-        result["baseline_unpacked"]["mfu"] = flops * base["images_per_s"] / peak
+        for name in ("baseline_unpacked", "reference"):
+            if name in result:
+                result[name]["mfu"] = flops * result[name]["images_per_s"] / peak
     print(json.dumps(result))
 
 
