@@ -268,21 +268,20 @@ def _gray_mean(x: torch.Tensor) -> float:
 
 
 def _contrast_one(x: torch.Tensor, factor: float) -> None:
-    offset = (1 - factor) * _gray_mean(x)
-    x.mul_(factor).add_(offset)
+    # factor * x + (1 - factor) * mean as one lerp toward the mean (one kernel instead of a multiply and an add)
+    x.lerp_(torch.tensor(_gray_mean(x), dtype=x.dtype), 1 - factor)
     if factor > 1:  # a blend toward the mean (factor <= 1) stays in [0, 1]
         x.clamp_(0.0, 1.0)
 
 
-def _gray_one(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """``scale`` times the luma of one crop [1, 3, H, W] as [1, 1, H, W]."""
-    red, green, blue = (weight * scale for weight in GRAY_WEIGHTS)
+def _gray_one(x: torch.Tensor) -> torch.Tensor:
+    """The luma of one crop [1, 3, H, W] as [1, 1, H, W]."""
+    red, green, blue = GRAY_WEIGHTS
     return torch.mul(x[:, 0:1], red).add_(x[:, 1:2], alpha=green).add_(x[:, 2:3], alpha=blue)
 
 
 def _saturation_one(x: torch.Tensor, factor: float) -> None:
-    gray = _gray_one(x, 1 - factor)
-    x.mul_(factor).add_(gray)
+    x.lerp_(_gray_one(x).expand_as(x), 1 - factor)  # factor * x + (1 - factor) * gray
     if factor > 1:  # a blend toward the luma (factor <= 1) stays in [0, 1]
         x.clamp_(0.0, 1.0)
 
