@@ -1,8 +1,9 @@
 """Photometric half of the multi-crop recipe on float tensors: colour jitter, grayscale, blur, solarize, normalise.
 
-The same functions serve the CPU fast path (one image's crops, in a DataLoader worker) and the GPU path
-(``data.crops.gpu_augment``: every crop of a batch at once, on the device). Each op follows the torchvision tensor
-definition of the reference recipe (recipe.md, "Multi-crop data"):
+:func:`apply_colour_ops` serves the CPU fast path (one image's crops, in a DataLoader worker: crop by crop, with
+Python-float parameters) and the GPU path (``data.crops.gpu_augment``: every crop of a batch at once, on the device,
+each op once per op slot). Both follow the torchvision tensor definition of the reference recipe (recipe.md,
+"Multi-crop data") to float32 rounding:
 
 - brightness ``clamp(f * x)``, contrast ``clamp(f * x + (1 - f) * mean(gray(x)))``, saturation
   ``clamp(f * x + (1 - f) * gray(x))``, hue = HSV hue rotation by ``f`` turns; applied in a random order per crop;
@@ -10,8 +11,9 @@ definition of the reference recipe (recipe.md, "Multi-crop data"):
 - Gaussian blur with a 9-tap kernel, reflect padding, separable;
 - solarize: values >= 128/255 become ``1 - x``.
 
-Only arithmetic, clamp and min/max reductions are used: on the CPU ``torch.where``, ``remainder`` and ``max`` with
-indices are an order of magnitude slower than plain arithmetic in the kernels we measured.
+Only arithmetic, clamp, lerp, sign and min/max/sum reductions over channels are used: on the CPU ``torch.where``,
+``remainder``, ``aminmax`` / ``max`` with indices and broadcast ``addcmul`` are several times slower than plain
+arithmetic in the kernels we measured. Hue needs no HSV round trip (see :func:`adjust_hue`).
 """
 
 from __future__ import annotations
@@ -194,11 +196,12 @@ def _blur_one(x: torch.Tensor, sigma: float) -> None:
     padded = F.pad(x, (half, half, 0, 0), mode="reflect").reshape(-1)
     row_width = width + 2 * half
     rows = _flat_pass(padded, weights, padded.numel() - 2 * half, 1)
-    rows = rows.as_strided((1, channels, height, width), (channels * height * row_width, height * row_width, row_width, 1))
+    shape, plane = (1, channels, height, width), height * row_width
+    rows = rows.as_strided(shape, (channels * plane, plane, row_width, 1))
     padded = F.pad(rows, (0, 0, half, half), mode="reflect").reshape(-1)
     plane = (height + 2 * half) * width
     cols = _flat_pass(padded, weights, padded.numel() - 2 * half * width, width)
-    x.copy_(cols.as_strided((1, channels, height, width), (channels * plane, plane, width, 1)))
+    x.copy_(cols.as_strided(shape, (channels * plane, plane, width, 1)))
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
