@@ -25,6 +25,7 @@ def random_batch(config: TrainConfig, batch_size: int, *, seed: int, device: str
             probability=config.data.masking.mask_sample_probability,
             ratio_min=config.data.masking.mask_ratio_min,
             ratio_max=config.data.masking.mask_ratio_max,
+            min_block_patches=config.data.masking.min_block_patches,
             rng=np.random.default_rng(seed),
         )
     )

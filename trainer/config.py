@@ -169,6 +169,9 @@ class MaskConfig:
     mask_sample_probability: float = 0.5
     mask_ratio_min: float = 0.1
     mask_ratio_max: float = 0.5
+    min_block_patches: int = 4
+    """Smallest BEiT mask block (4 in the reference). On grids of a few patches (2x2, 3x3) blocks of 4 rarely or
+    never fit under the 50% cap, so iBOT would see no masked patch at all; 1 lets single patches be masked."""
 
 
 @dataclass(kw_only=True)
@@ -604,6 +607,25 @@ def validate_config(config: TrainConfig, *, world_size: int | None = None) -> No
         raise ConfigError("data.masking.mask_ratio_max", mask.mask_ratio_max, "0 <= mask_ratio_min <= max <= 0.5")
     if not 0 <= mask.mask_sample_probability <= 1:
         raise ConfigError("data.masking.mask_sample_probability", mask.mask_sample_probability, "0..1")
+    if mask.min_block_patches < 1:
+        raise ConfigError("data.masking.min_block_patches", mask.min_block_patches, "an integer >= 1")
+    grid = crops.global_size // m.patch_size
+    if config.loss.ibot_loss_weight > 0 and mask.mask_sample_probability > 0 and mask.mask_ratio_max > 0:
+        # iBOT needs masked patches: a block (strictly smaller than the grid in both directions, as in BEiT) of at
+        # least min_block_patches must fit under the cap of int(ratio_max * grid^2) patches, or iBOT silently sees
+        # no masked patch in the whole run.
+        cap = int(mask.mask_ratio_max * grid * grid)
+        largest = max((h * w for h in range(1, grid) for w in range(1, grid) if h * w <= cap), default=0)
+        if largest < mask.min_block_patches:
+            raise ConfigError(
+                "data.masking.min_block_patches", mask.min_block_patches,
+                f"at most {largest} with a {grid}x{grid} global-crop grid and mask_ratio_max {mask.mask_ratio_max} "
+                "(no mask block fits otherwise, so iBOT would see no masked patch); or set loss.ibot_loss_weight=0"
+                if largest else
+                f"nothing: a {grid}x{grid} global-crop grid leaves no room for an iBOT mask block under "
+                f"mask_ratio_max {mask.mask_ratio_max}; use smaller patches or larger global crops, or set "
+                "loss.ibot_loss_weight=0",
+            )
     if not 0 <= m.drop_path_rate < 1:
         raise ConfigError("model.drop_path_rate", m.drop_path_rate, "0 <= rate < 1")
     if optim.iterations <= 0:

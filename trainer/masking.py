@@ -106,6 +106,7 @@ def sample_ibot_masks(
     ratio_max: float = 0.5,
     rng: np.random.Generator,
     max_mask_fraction: float = 0.5,
+    min_block_patches: int = 4,
 ) -> np.ndarray:
     """Masks for ``num_images`` global crops: ``bool [num_images, h * w]``, True = masked patch.
 
@@ -113,6 +114,7 @@ def sample_ibot_masks(
     the i-th of n equal slices of ``[ratio_min, ratio_max]`` (stratified, so every batch spans the whole range) and
     targets ``int(ratio * h * w)`` patches, at most ``max_mask_fraction * h * w`` (and no block adds more than that).
     The other crops are unmasked. Rows are then shuffled so masked crops land on random images and views.
+    ``min_block_patches`` is the smallest block (see :func:`sample_block_mask`).
     """
     _check_mask_args(num_images, probability, ratio_min, ratio_max)
     height, width = grid_hw
@@ -125,7 +127,9 @@ def sample_ibot_masks(
     ratios = ratio_min + step * (np.arange(num_masked_images) + rng.random(num_masked_images))
     for row, ratio in enumerate(ratios):
         target = min(int(num_patches * ratio), max_masked)
-        masks[row] = sample_block_mask(grid_hw, target, rng, max_patches_per_block=max_masked).reshape(-1)
+        masks[row] = sample_block_mask(
+            grid_hw, target, rng, min_block_patches=min_block_patches, max_patches_per_block=max_masked
+        ).reshape(-1)
     return masks[rng.permutation(num_images)]
 
 

@@ -104,3 +104,27 @@ def test_mask_weights_and_indices():
     torch_indices, torch_weights = mask_weights_and_indices(torch.from_numpy(masks))
     assert torch.equal(torch_indices, indices) and torch.equal(torch_weights, weights)
     assert weights.sum().item() == pytest.approx(2.0)
+
+
+def test_single_patch_blocks_mask_tiny_grids_within_the_ratio_bounds():
+    # a 2x2 grid (28 px crops in 14 px patches): the reference's 4-patch blocks never fit under the 50% cap
+    default = sample_ibot_masks(64, (2, 2), rng=np.random.default_rng(0))
+    assert not default.any()
+    masks = sample_ibot_masks(64, (2, 2), rng=np.random.default_rng(0), min_block_patches=1)
+    per_crop = masks.sum(axis=1)
+    assert (per_crop > 0).sum() >= 16  # the masked half of the crops, less those whose ratio rounds to 0 patches
+    assert per_crop.max() <= 2  # never above half of the 4 patches
+
+
+def test_a_grid_where_no_mask_block_fits_is_a_config_error():
+    from trainer.config import ConfigError, resolve_config
+
+    small_grid = {"model.patch_size": 14, "model.img_size": 28, "data.crops.global_size": 28,
+                  "data.crops.local_size": 14}
+    with pytest.raises(ConfigError) as err:
+        resolve_config("tiny", overrides=small_grid)
+    assert err.value.path == "data.masking.min_block_patches" and "2x2" in str(err.value)
+    resolve_config("tiny", overrides={**small_grid, "data.masking.min_block_patches": 1})
+    resolve_config("tiny", overrides={**small_grid, "loss.ibot_loss_weight": 0.0})  # no iBOT: nothing to mask
+    with pytest.raises(ConfigError, match="min_block_patches"):
+        resolve_config("tiny", overrides={"data.masking.min_block_patches": 0})

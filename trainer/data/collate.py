@@ -163,6 +163,7 @@ class MultiCropCollate:
             ratio_min=self.masking.mask_ratio_min,
             ratio_max=self.masking.mask_ratio_max,
             rng=rng,
+            min_block_patches=self.masking.min_block_patches,
         )
         return torch.from_numpy(masks)
 
