@@ -154,6 +154,10 @@ class CropConfig:
     local_scale: tuple[float, float] = (0.05, 0.32)
     blur_probabilities: Literal["reference", "paper"] = "reference"
     """``reference`` (what the released models saw): global1 0.0, global2 0.9, locals 0.5; ``paper``: 1.0/0.1/0.5."""
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    """Gaussian blur sigma range in pixels of the output crop (9-tap kernel). The recipe's (0.1, 2.0) is meant for
+    224/96 px crops; on crops several times smaller the same sigma removes most of the image, so CPU-sized configs
+    scale it with the crop size."""
     solarize_probability: float = 0.2
     """Solarize on global crop 2 only."""
     fast_path: bool = True
@@ -600,6 +604,9 @@ def validate_config(config: TrainConfig, *, world_size: int | None = None) -> No
         lo, hi = getattr(crops, name)
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"data.crops.{name}", [lo, hi], "0 < min <= max <= 1")
+    lo, hi = crops.blur_sigma
+    if not 0 < lo <= hi:
+        raise ConfigError("data.crops.blur_sigma", [lo, hi], "0 < min <= max (pixels)")
     if crops.num_local < 0:
         raise ConfigError("data.crops.num_local", crops.num_local, ">= 0")
     mask = config.data.masking

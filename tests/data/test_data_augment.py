@@ -184,3 +184,22 @@ def test_reference_path_leaves_the_global_torch_rng_alone() -> None:
     MultiCropAugmentation(CROPS, fast_path=False)(jpeg_bytes(0, 48), seed=1)
     assert torch.equal(torch.rand(3), expected)
     assert math.isfinite(float(expected.sum()))
+
+
+def test_blur_sigma_range_is_configurable_and_validated() -> None:
+    crops = CropConfig(global_size=32, local_size=16, num_local=8, blur_sigma=(0.0125, 0.25))
+    augment = MultiCropAugmentation(crops)
+    plans = [augment.sample_plan(np.random.default_rng(i), 64, 64) for i in range(300)]
+    sigmas = torch.cat([c.blur_sigma[c.blur_sigma > 0] for p in plans for c in (p.global_colour, p.local_colour)])
+    assert len(sigmas) > 500 and 0.0125 <= float(sigmas.min()) and float(sigmas.max()) <= 0.25
+    # the same image, seed and plan with the recipe's sigma differs only where a crop drew a blur
+    image = jpeg_bytes(3, 48)
+    scaled = MultiCropAugmentation(crops)(image, seed=(5, 1))
+    recipe = MultiCropAugmentation(CropConfig(global_size=32, local_size=16, num_local=8))(image, seed=(5, 1))
+    assert scaled.global_crops.shape == recipe.global_crops.shape
+    assert not torch.equal(scaled.local_crops, recipe.local_crops)
+
+    from trainer.config import ConfigError, resolve_config
+
+    with pytest.raises(ConfigError, match="data.crops.blur_sigma"):
+        resolve_config("tiny", overrides={"data.crops.blur_sigma": [0.5, 0.1]})

@@ -107,7 +107,8 @@ def sample_crop_box(
 
 
 def sample_colour_params(
-    rng: np.random.Generator, num_crops: int, *, blur_probability: float, solarize_probability: float
+    rng: np.random.Generator, num_crops: int, *, blur_probability: float, solarize_probability: float,
+    blur_sigma: tuple[float, float] = BLUR_SIGMA,
 ) -> ColourParams:
     """Draw the photometric parameters of ``num_crops`` crops of one kind."""
     jitter = rng.random(num_crops) < JITTER_PROBABILITY
@@ -124,7 +125,7 @@ def sample_colour_params(
     order = order.reshape(num_crops, NUM_JITTER_OPS)
     grayscale = rng.random(num_crops) < GRAYSCALE_PROBABILITY
     blur = rng.random(num_crops) < blur_probability
-    sigma = np.where(blur, rng.uniform(BLUR_SIGMA[0], BLUR_SIGMA[1], num_crops), 0.0)
+    sigma = np.where(blur, rng.uniform(blur_sigma[0], blur_sigma[1], num_crops), 0.0)
     solarize = rng.random(num_crops) < solarize_probability
     return ColourParams(
         jitter=torch.from_numpy(jitter),
@@ -218,9 +219,14 @@ class MultiCropAugmentation:
         boxes = [sample_crop_box(rng, width, height, scale) for scale in scales]
         flips = (rng.random(len(boxes)) < FLIP_PROBABILITY).tolist()
         blur_g1, blur_g2, blur_local = self.blur_probabilities
-        first = sample_colour_params(rng, 1, blur_probability=blur_g1, solarize_probability=0.0)
-        second = sample_colour_params(rng, 1, blur_probability=blur_g2, solarize_probability=crops.solarize_probability)
-        local = sample_colour_params(rng, crops.num_local, blur_probability=blur_local, solarize_probability=0.0)
+        sigma = tuple(crops.blur_sigma)
+        first = sample_colour_params(rng, 1, blur_probability=blur_g1, solarize_probability=0.0, blur_sigma=sigma)
+        second = sample_colour_params(
+            rng, 1, blur_probability=blur_g2, solarize_probability=crops.solarize_probability, blur_sigma=sigma
+        )
+        local = sample_colour_params(
+            rng, crops.num_local, blur_probability=blur_local, solarize_probability=0.0, blur_sigma=sigma
+        )
         return CropPlan(boxes, flips, ColourParams.cat([first, second]), local)
 
     def _fast(self, data: bytes | Image.Image, rng: np.random.Generator) -> MultiCropSample:
@@ -288,7 +294,7 @@ class _ReferencePipeline:
         ]
 
         def blur(p: float) -> T.RandomApply:
-            return T.RandomApply([T.GaussianBlur(9, sigma=BLUR_SIGMA)], p=p)
+            return T.RandomApply([T.GaussianBlur(9, sigma=tuple(crops.blur_sigma))], p=p)
 
         finish = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
         g1, g2, local = blur_probabilities
