@@ -2,10 +2,11 @@
 
 The same weights go into our modules and the reference's (strict state-dict loads both ways), the same inputs go
 through both, and the outputs must agree to float32 tolerance: backbone features (also at another crop size, with
-iBOT masks, in the chunked block layout, with SwiGLU), heads, and the whole loss computation of a training step, which
-is composed here from the reference's modules exactly as its ``SSLMetaArch.forward_backward`` composes them (teacher
-views swapped, heads, Sinkhorn-Knopp or softmax centering, DINO local/global terms, KoLeo per global crop, iBOT with
-per-crop weights), with one student forward per crop size because the reference's list forward needs xformers.
+iBOT masks, in the chunked block layout, with SwiGLU), heads, the whole loss computation of a training step and whole
+optimiser steps. bench/reference_dinov2.py composes the reference's modules exactly as its
+``SSLMetaArch.forward_backward`` and ``train.py`` do (teacher views swapped, heads, Sinkhorn-Knopp or softmax
+centering, DINO local/global terms, KoLeo per global crop, iBOT with per-crop weights, parameter groups, clipping,
+EMA), with one student forward per crop size because the reference's list forward needs xformers.
 """
 
 from __future__ import annotations
