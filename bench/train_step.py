@@ -12,6 +12,7 @@ step (facebookresearch/dinov2 from PyPI, bench/reference_dinov2.py) from the sam
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing
 import resource
@@ -31,9 +32,27 @@ from trainer.runtime import _peak_flops  # noqa: E402
 from trainer.meta_arch import TrainStep, build_models  # noqa: E402
 
 
+def _reset_peak_mem(device: torch.device) -> None:
+    """Start the peak-memory window after set-up, so building the models (and, for the reference, the copy it is
+    loaded from) does not count. On Linux writing 5 to /proc/self/clear_refs resets the RSS high-water mark."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux (or not permitted): the peak then includes set-up
+
+
 def _peak_mem(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
@@ -62,8 +81,8 @@ def _measure(preset: str, overrides: dict, mode: str, batch_size: int, steps: in
     else:
         step = TrainStep(models, config, packed=mode == "packed")
     batches = [random_batch(config, batch_size, seed=i, device=device) for i in range(2)]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    gc.collect()
+    _reset_peak_mem(device)
     times = []
     for index in range(warmup + steps):
         if device.type == "cuda":
