@@ -17,9 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.dist_utils import find_free_port
 from bench.reference_dinov2 import (
-    ReferenceLosses, ReferenceStep, import_reference, reference_backbone, reference_network,
+    ReferenceLosses, ReferenceStep, ensure_process_group, import_reference, reference_backbone, reference_network,
 )
 from trainer.batches import random_batch
 from trainer.config import resolve_config
@@ -93,7 +92,7 @@ def test_dino_head_equals_the_reference():
 @pytest.fixture
 def single_process_group():
     # the reference's iBOT Sinkhorn all-reduces its patch count unconditionally: give it a (1-rank) group
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{find_free_port()}", rank=0, world_size=1)
+    ensure_process_group(torch.device("cpu"))
     yield
     dist.destroy_process_group()
 
