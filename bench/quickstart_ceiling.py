@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         report[pipeline] = {
             "knn_top1": knn_top1(fit.cls, fit.labels, held_out.cls, held_out.labels),
             "head_top1": head_top1,
-            "final_loss": round(float(loss), 4),
+            "final_loss": round(loss.item(), 4),
             "train_seconds": round(seconds, 1),
         }
     print(json.dumps(report))
