@@ -9,7 +9,8 @@ input pipeline, from the same initial weights and on the same sample order:
 - ``clean``: the evaluation transform (what k-NN sees at test time);
 - ``flip``: the evaluation transform plus a random horizontal flip;
 - ``multicrop``: both global crops of the quickstart's own augmentation (``trainer.data.augment``, the spec's
-  ``data.crops`` settings: RandomResizedCrop, flip, colour jitter, grayscale, blur, solarize).
+  ``data.crops`` settings: RandomResizedCrop, flip, colour jitter, grayscale, blur, solarize); a step of
+  ``--batch-size`` images is then twice as many crops, so this pipeline sees more inputs, not fewer.
 
 Each backbone is then scored like the quickstart (k-NN, k=20, T=0.07, CLS token, the first ``--limit-train`` /
 ``--limit-test`` images), next to raw pixels, and by its own head (``head_top1``, the supervised classifier on the
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
     experiment = load_spec(args.spec)
     config = stage_train_config(experiment, experiment.spec.stages[0].name)
     evaluation = experiment.spec.evaluation
+    if evaluation is None:
+        raise SystemExit(f"{args.spec}: spec.evaluation names no labelled train/test data to score on")
     size = config.model.img_size
     source = config.data.streams[0].local if config.data.streams else None
     if not source:
