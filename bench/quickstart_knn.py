@@ -7,6 +7,8 @@ applies ``--override`` on top of its overrides, trains ``--iterations`` steps in
 the teacher backbone by k-NN (k=20, CLS token) on the first ``--limit-train`` / ``--limit-test`` images, next to the
 same preset randomly initialised and raw pixels (the baselines, in the same run). Prints ONE JSON object (last
 line). The choices commented in examples/quickstart.yaml were measured with this script (single runs, seed 0).
+``--every N`` also keeps a checkpoint every N iterations and scores each one's teacher (``curve``: the learning curve
+of one run; the baselines are scored once).
 """
 
 from __future__ import annotations
@@ -29,13 +31,17 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[], help="dotted trainer key=value")
     parser.add_argument("--limit-train", type=int, default=5000)
     parser.add_argument("--limit-test", type=int, default=1000)
+    parser.add_argument("--every", type=int, default=None, help="also score a checkpoint every N iterations")
     args = parser.parse_args()
+    if args.every is not None and not 0 < args.every <= args.iterations:
+        parser.error(f"--every: invalid value {args.every}; allowed: 1..--iterations ({args.iterations})")
 
     import torch
 
     from dino_ctl.cli.eval_cmds import run_eval
     from dino_ctl.spec import load_spec
     from dino_ctl.stages import stage_train_config
+    from trainer import layout
     from trainer.config import config_to_dict, parse_override, resolve_config
     from trainer.train import train
 
@@ -48,7 +54,8 @@ def main() -> None:
             "optim.iterations": args.iterations,
             "optim.warmup_iterations": min(base.optim.warmup_iterations, args.iterations // 10),
             "checkpoint.dir": out,
-            "checkpoint.interval_iterations": args.iterations,
+            "checkpoint.interval_iterations": args.every or args.iterations,
+            "checkpoint.keep_last": args.iterations // (args.every or args.iterations) + 1,
             "metrics.port": -1,
             **dict(parse_override(o) for o in args.override),
         }
@@ -60,9 +67,14 @@ def main() -> None:
         seconds = time.perf_counter() - start
         if code != 0:
             raise SystemExit(f"training exited with {code}")
-        report = run_eval(
-            "knn", out, evaluation.train, evaluation.test, limit_train=args.limit_train, limit_test=args.limit_test,
-        )
+        limits = {"limit_train": args.limit_train, "limit_test": args.limit_test}
+        report = run_eval("knn", out, evaluation.train, evaluation.test, **limits)
+        curve = []
+        for iteration in range(args.every or args.iterations, args.iterations, args.every or args.iterations):
+            checkpoint = layout.join(out, layout.checkpoint_name(iteration))
+            scored = run_eval("knn", checkpoint, evaluation.train, evaluation.test, network="teacher",
+                              baseline=False, **limits)
+            curve.append({"iteration": iteration, "trained": scored["top1"]["trained"]})
     print(json.dumps({
         "benchmark": "quickstart_knn",
         "overrides": args.override,
@@ -70,6 +82,8 @@ def main() -> None:
         "train_seconds": round(seconds, 1),
         "threads": torch.get_num_threads(),
         **report["top1"],
+        **({"curve": [*curve, {"iteration": args.iterations, "trained": report["top1"]["trained"]}]}
+           if args.every else {}),
         "num_train": report["num_train"],
         "num_test": report["num_test"],
     }))
