@@ -278,6 +278,9 @@ class ParallelConfig:
     param_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     """Mixed-precision parameter dtype on CUDA (CPU always runs float32)."""
     reduce_dtype: Literal["bfloat16", "float32"] = "float32"
+    allow_tf32: bool = True
+    """float32 matmuls (the float32 heads; every matmul of a float32 run) on TF32 tensor cores on CUDA, as the
+    reference's ``train.py`` sets. Measured on an H100 (``bench/train_step.py --preset vits14``): see the README."""
     activation_checkpointing: bool = False
     compile: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"

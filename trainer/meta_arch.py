@@ -14,6 +14,7 @@ masking or stochastic depth, and keeps an EMA of the student (``student_ema``) a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -114,14 +115,24 @@ def _ibot_head(net: nn.ModuleDict) -> nn.Module:
     return net["ibot_head"] if "ibot_head" in net else net["dino_head"]
 
 
+def _backbone_precision(dtype: torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast for a backbone forward (``dtype`` None: as the parameters are; see ``parallelize.autocast_dtype``).
+    The backbone's outputs leave its final LayerNorm in float32, so the heads after it run in float32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def _teacher_targets(
-    models: SSLModels, batch: dict[str, Any], teacher_temp: float, config: TrainConfig
+    models: SSLModels, batch: dict[str, Any], teacher_temp: float, config: TrainConfig,
+    autocast_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Centred teacher distributions for the DINO (global CLS) and iBOT (masked patch) losses."""
     teacher = models.teacher
-    out = teacher["backbone"].forward_features(batch["global_crops"])
-    cls = out["x_norm_clstoken"]  # [2B, D], crop-major
-    patches = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]  # [M, D]
+    with _backbone_precision(autocast_dtype, batch["global_crops"].device):
+        out = teacher["backbone"].forward_features(batch["global_crops"])
+    cls = out["x_norm_clstoken"].float()  # [2B, D], crop-major
+    patches = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]].float()  # [M, D]
     num_global = cls.shape[0]
     if "ibot_head" in teacher:
         dino_logits = teacher["dino_head"](cls)
@@ -156,27 +167,32 @@ def _all_patches(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def compute_losses(
-    models: SSLModels, batch: dict[str, Any], *, teacher_temp: float, config: TrainConfig, packed: bool = True
+    models: SSLModels, batch: dict[str, Any], *, teacher_temp: float, config: TrainConfig, packed: bool = True,
+    autocast_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss (to backpropagate) and its named components (detached), for one (micro-)batch.
 
     ``packed=False`` runs one student forward per crop size instead of the packed forward (the benchmark baseline).
+    ``autocast_dtype``: the backbones' forwards run under autocast to it, the heads and losses in float32.
     """
     loss_cfg = config.loss
     if models.distill:
         batch = _all_patches(batch)
     with torch.no_grad():
-        dino_targets, ibot_targets = _teacher_targets(models, batch, teacher_temp, config)
+        dino_targets, ibot_targets = _teacher_targets(models, batch, teacher_temp, config, autocast_dtype)
 
     student = models.student
     global_crops, local_crops = batch["global_crops"], batch["local_crops"]
     student_masks = None if models.distill else batch["masks"]
     crops = [global_crops] + ([local_crops] if local_crops.numel() else [])
     crop_masks = [student_masks] + [None] * (len(crops) - 1)
-    if packed:
-        outputs = student["backbone"].forward_features_list(crops, crop_masks)
-    else:
-        outputs = [student["backbone"].forward_features(x, masks=m) for x, m in zip(crops, crop_masks)]
+    with _backbone_precision(autocast_dtype, global_crops.device):
+        if packed:
+            outputs = student["backbone"].forward_features_list(crops, crop_masks)
+        else:
+            outputs = [student["backbone"].forward_features(x, masks=m) for x, m in zip(crops, crop_masks)]
+    if autocast_dtype is not None:  # heads in float32, as FSDP2's head policy does
+        outputs = [{k: v.float() if torch.is_tensor(v) else v for k, v in out.items()} for out in outputs]
     global_cls = outputs[0]["x_norm_clstoken"]  # [2B, D]
     masked_patches = outputs[0]["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]  # [M, D]
     cls_tokens = torch.cat([global_cls] + ([outputs[1]["x_norm_clstoken"]] if len(crops) > 1 else []))
@@ -247,9 +263,12 @@ class TrainStep:
     """One optimiser step: losses, backward, clipping, AdamW with scheduled lr/wd, EMA. Checkpointable position."""
 
     def __init__(
-        self, models: SSLModels, config: TrainConfig, *, num_micro_batches: int = 1, packed: bool = True
+        self, models: SSLModels, config: TrainConfig, *, num_micro_batches: int = 1, packed: bool = True,
+        autocast_dtype: torch.dtype | None = None,
     ) -> None:
+        """``autocast_dtype``: see :func:`compute_losses` (``parallelize.autocast_dtype`` picks it for a run)."""
         self.models, self.config, self.num_micro_batches, self.packed = models, config, num_micro_batches, packed
+        self.autocast_dtype = autocast_dtype
         self.schedules = Schedules(config)
         self.optimizer = build_optimizer(models.student, config)
 
@@ -266,7 +285,8 @@ class TrainStep:
         totals: dict[str, torch.Tensor] = {}
         for micro in split_batch(batch, self.num_micro_batches):
             loss, parts = compute_losses(
-                self.models, micro, teacher_temp=teacher_temp, config=self.config, packed=self.packed
+                self.models, micro, teacher_temp=teacher_temp, config=self.config, packed=self.packed,
+                autocast_dtype=self.autocast_dtype,
             )
             (loss / self.num_micro_batches).backward()
             for name, value in parts.items():

@@ -32,7 +32,15 @@ from torch.utils.checkpoint import checkpoint
 
 from trainer.config import ParallelConfig
 
-__all__ = ["apply_activation_checkpointing", "build_on_meta", "materialize", "parallelize", "uses_fsdp"]
+__all__ = [
+    "apply_activation_checkpointing",
+    "autocast_dtype",
+    "build_on_meta",
+    "configure_cuda_matmul",
+    "materialize",
+    "parallelize",
+    "uses_fsdp",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +78,25 @@ def _heads(model: nn.ModuleDict) -> list[nn.Module]:
         if name in model and all(model[name] is not head for head in heads):
             heads.append(model[name])
     return heads
+
+
+def autocast_dtype(config: ParallelConfig, *, world_size: int, device: torch.device) -> torch.dtype | None:
+    """The dtype the training step autocasts the backbones' forwards to, or None.
+
+    Mixed precision is one split however the model runs: backbones compute in ``parallel.param_dtype``, heads and
+    losses in float32. With FSDP2 the ``MixedPrecisionPolicy`` of :func:`parallelize` does it (None here); without
+    FSDP (one rank) the step autocasts the backbone forwards and leaves the heads in float32. CPU runs float32.
+    """
+    if device.type != "cuda" or uses_fsdp(config, world_size=world_size):
+        return None
+    dtype = _DTYPES[config.param_dtype]
+    return None if dtype == torch.float32 else dtype
+
+
+def configure_cuda_matmul(config: ParallelConfig) -> None:
+    """TF32 for float32 matmuls and convolutions on CUDA (``parallel.allow_tf32``); process-wide."""
+    torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
+    torch.backends.cudnn.allow_tf32 = config.allow_tf32
 
 
 def _policies(config: ParallelConfig, device: torch.device, *, fp32_heads: bool) -> tuple[MixedPrecisionPolicy, ...]:

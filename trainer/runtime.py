@@ -28,7 +28,7 @@ from trainer.data.loader import build_train_loader
 from trainer.distributed import local_rank
 from trainer.metrics import JsonlLogger, TrainMetrics, format_console
 from trainer.models import interpolate_pos_embed, model_flops_per_image
-from trainer.parallelize import parallelize
+from trainer.parallelize import autocast_dtype, configure_cuda_matmul, parallelize
 from trainer.rng import RNGState
 from trainer.meta_arch import NonFiniteLossError, SSLModels, TrainStep, build_models
 
@@ -57,13 +57,18 @@ class Runtime:
     def __init__(self, config: TrainConfig, *, rank: int, world_size: int, device: torch.device) -> None:
         self.config, self.rank, self.world_size, self.device = config, rank, world_size, device
         torch.manual_seed(config.seed)  # identical init on every rank; per-rank streams are seeded after
+        if device.type == "cuda":
+            configure_cuda_matmul(config.parallel)
         teacher_model = self._teacher_model_config()
         self.models = build_models(config, teacher_model=teacher_model)
         self._parallelize()
         per_rank = config.optim.global_batch_size // world_size
         micro = config.optim.max_micro_batch_size or per_rank
         num_micro = -(-per_rank // micro)
-        self.train_step = TrainStep(self.models, config, num_micro_batches=num_micro)
+        self.train_step = TrainStep(
+            self.models, config, num_micro_batches=num_micro,
+            autocast_dtype=autocast_dtype(config.parallel, world_size=world_size, device=device),
+        )
         self.loader = build_train_loader(
             config,
             rank=rank,

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_train_step_bench_prints_one_json_object_with_the_reference_baseline():
     proc = subprocess.run(
         [sys.executable, "bench/train_step.py", "--preset", "tiny", "--device", "cpu", "--steps", "1",
-         "--warmup", "0", "--batch-size", "4"],
+         "--warmup", "0", "--batch-size", "4", "--profile", "5"],
         cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
     )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -25,3 +25,10 @@ def test_train_step_bench_prints_one_json_object_with_the_reference_baseline():
     assert result["reference"]["student_forward"] == "one forward per crop size"  # no xformers on a CPU
     assert result["speedup_vs_reference"] == result["reference"]["step_time_s"] / result["step_time_s"]
     assert "mfu" not in result  # CPU: no peak FLOPs to divide by
+    assert result["head_prototypes"] == {"dino": 256, "ibot": 256}
+    profile = result["profile"]  # --profile 5: one more step of ours, its 5 costliest operators
+    assert len(profile) == 5 and all(row["op"].startswith("aten::") or "::" in row["op"] for row in profile)
+    times = [row["self_ms"] for row in profile]
+    assert times == sorted(times, reverse=True) and times[-1] > 0
+    assert 0 < sum(row["share"] for row in profile) <= 1.0001 and all(row["calls"] >= 1 for row in profile)
+    assert "profile" not in result["baseline_unpacked"] and "profile" not in result["reference"]

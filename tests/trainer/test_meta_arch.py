@@ -131,3 +131,42 @@ def test_distillation_freezes_teacher_and_keeps_student_ema():
         assert torch.equal(value, teacher_before[name]), name
     changed = [n for n, v in models.student_ema.state_dict().items() if not torch.equal(v, ema_before[n])]
     assert changed  # the student EMA follows the student
+
+
+def test_autocast_runs_backbones_in_bf16_and_heads_and_losses_in_float32():
+    """One-GPU mixed precision (parallelize.autocast_dtype): backbone matmuls in bf16, heads in float32, same split
+    as FSDP2's policies. CPU autocast has the same semantics, so the split is checked here."""
+    config = _config()
+    torch.manual_seed(0)
+    models = build_models(config)
+    batch = random_batch(config, BATCH, seed=0)
+    seen: dict[str, set] = {}
+
+    def record(name):
+        return lambda module, args, out: seen.setdefault(name, set()).add(out.dtype)
+
+    for net in ("student", "teacher"):
+        getattr(models, net)["backbone"].blocks[0].mlp.fc1.register_forward_hook(record(f"{net}_block"))
+        getattr(models, net)["dino_head"].register_forward_hook(record(f"{net}_head"))
+    reference, _ = compute_losses(models, batch, teacher_temp=0.04, config=config)
+    assert seen == {name: {torch.float32} for name in ("student_block", "teacher_block", "student_head", "teacher_head")}
+    seen.clear()
+    total, parts = compute_losses(models, batch, teacher_temp=0.04, config=config, autocast_dtype=torch.bfloat16)
+    assert seen["student_block"] == seen["teacher_block"] == {torch.bfloat16}
+    assert seen["student_head"] == seen["teacher_head"] == {torch.float32}
+    assert total.dtype == torch.float32 and all(v.dtype == torch.float32 for v in parts.values())
+    assert total.item() != reference.item()  # it really ran in lower precision ...
+    torch.testing.assert_close(total, reference, rtol=0.02, atol=0.02)  # ... and stays close
+    total.backward()
+    grads = [p.grad for p in models.student.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_train_step_passes_its_autocast_dtype_to_every_micro_batch():
+    config = _config()
+    torch.manual_seed(0)
+    models = build_models(config)
+    dtypes = set()
+    models.student["backbone"].blocks[0].mlp.fc1.register_forward_hook(lambda m, a, out: dtypes.add(out.dtype))
+    TrainStep(models, config, num_micro_batches=2, autocast_dtype=torch.bfloat16)(random_batch(config, BATCH, seed=0), 0)
+    assert dtypes == {torch.bfloat16}

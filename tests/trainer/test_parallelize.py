@@ -10,7 +10,14 @@ from torch.distributed.tensor import DTensor
 
 from tests.dist_utils import run_distributed
 from trainer.config import ParallelConfig
-from trainer.parallelize import build_on_meta, materialize, parallelize, uses_fsdp
+from trainer.parallelize import (
+    autocast_dtype,
+    build_on_meta,
+    configure_cuda_matmul,
+    materialize,
+    parallelize,
+    uses_fsdp,
+)
 
 CPU = torch.device("cpu")
 
@@ -192,3 +199,26 @@ def test_compiled_checkpointed_fsdp_blocks_match_one_eager_process() -> None:
     assert sum(rank["loss"] for rank in ranks) / 2 == pytest.approx(ref_loss, rel=1e-6)
     for name, grad in ranks[0]["grads"].items():
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_autocast_dtype_is_the_one_gpu_half_of_mixed_precision():
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    # one rank on a GPU: the step autocasts the backbones (no FSDP policy to do it)
+    assert autocast_dtype(ParallelConfig(), world_size=1, device=cuda) is torch.bfloat16
+    assert autocast_dtype(ParallelConfig(param_dtype="float16"), world_size=1, device=cuda) is torch.float16
+    assert autocast_dtype(ParallelConfig(param_dtype="float32"), world_size=1, device=cuda) is None
+    # FSDP2 (several ranks, or forced on one) casts through its MixedPrecisionPolicy instead; CPUs run float32
+    assert autocast_dtype(ParallelConfig(), world_size=2, device=cuda) is None
+    assert autocast_dtype(ParallelConfig(fsdp="on"), world_size=1, device=cuda) is None
+    assert autocast_dtype(ParallelConfig(), world_size=1, device=cpu) is None
+
+
+def test_configure_cuda_matmul_follows_allow_tf32():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        configure_cuda_matmul(ParallelConfig(allow_tf32=False))
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        configure_cuda_matmul(ParallelConfig())
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
