@@ -25,7 +25,6 @@ import torch
 import torch.nn as nn
 
 from trainer.config import ModelConfig, TrainConfig
-from trainer.distributed import all_reduce_sum
 from trainer.losses.centering import SoftmaxCenter, sinkhorn_knopp
 from trainer.losses.dino import dino_cross_entropy
 from trainer.losses.ibot import ibot_masked_loss
@@ -143,10 +142,7 @@ def _teacher_targets(
     # (the swap of the two global views happens inside dino_cross_entropy)
     if config.loss.centering == "sinkhorn":
         dino_probs = sinkhorn_knopp(dino_logits.float(), teacher_temp, config.loss.sinkhorn_iterations)
-        num_masked = all_reduce_sum(torch.tensor(float(patches.shape[0]), device=patches.device))
-        ibot_probs = sinkhorn_knopp(
-            ibot_logits.float(), teacher_temp, config.loss.sinkhorn_iterations, num_samples=num_masked
-        )
+        ibot_probs = sinkhorn_knopp(ibot_logits.float(), teacher_temp, config.loss.sinkhorn_iterations)
     else:
         dino_probs = models.centers["dino"].probs(dino_logits.float(), teacher_temp)
         ibot_probs = models.centers["ibot"].probs(ibot_logits.float(), teacher_temp)

@@ -27,7 +27,8 @@ def test_train_step_bench_prints_one_json_object_with_the_reference_baseline():
     assert "mfu" not in result  # CPU: no peak FLOPs to divide by
     assert result["head_prototypes"] == {"dino": 256, "ibot": 256}
     profile = result["profile"]  # --profile 5: one more step of ours, its 5 costliest operators
-    assert len(profile) == 5 and all(row["op"].startswith("aten::") or "::" in row["op"] for row in profile)
+    assert len(profile) == 5 and all(isinstance(row["op"], str) and row["op"] for row in profile)
+    assert any(row["op"].startswith("aten::") for row in profile)  # operators, not only Python-level ranges
     times = [row["self_ms"] for row in profile]
     assert times == sorted(times, reverse=True) and times[-1] > 0
     assert 0 < sum(row["share"] for row in profile) <= 1.0001 and all(row["calls"] >= 1 for row in profile)

@@ -49,11 +49,23 @@ def test_sinkhorn_rows_are_distributions_and_prototypes_equipartitioned():
     torch.testing.assert_close(converged.sum(dim=0), ideal, rtol=1e-4, atol=1e-4)
 
 
-def test_sinkhorn_result_does_not_depend_on_num_samples_scale():
-    logits = torch.randn(6, 5, generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(
-        sinkhorn_knopp(logits, 0.07, num_samples=6), sinkhorn_knopp(logits, 0.07, num_samples=torch.tensor(600.0))
-    )
+@pytest.mark.parametrize("num_iterations", [1, 3, 10])
+def test_sinkhorn_without_the_scalar_factors_is_the_recipe_at_the_real_head_width(num_iterations):
+    """The recipe's 1/total, 1/K, 1/B and x B are not applied (they cancel): against the literal float64 recipe at
+    K = 65,536 and a sharp teacher, where a wrong cancellation would show at once. The logits span [-1, 1] like the
+    head's (cosine similarities with weight-normalised prototypes)."""
+    gen = torch.Generator().manual_seed(2)
+    logits = 2.0 * torch.rand(16, 65536, generator=gen) - 1.0
+    result = sinkhorn_knopp(logits, 0.04, num_iterations=num_iterations)
+    q = torch.exp((logits.double() - logits.max()) / 0.04).t()  # [K, B]; the shift is a constant factor
+    num_prototypes, num_samples = q.shape
+    q = q / q.sum()
+    for _ in range(num_iterations):
+        q = q / q.sum(dim=1, keepdim=True) / num_prototypes
+        q = q / q.sum(dim=0, keepdim=True) / num_samples
+    expected = (q * num_samples).t()
+    torch.testing.assert_close(result.double(), expected, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(result.sum(dim=1), torch.ones(16))
 
 
 def test_sinkhorn_rejects_bad_arguments():

@@ -48,11 +48,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results = {}
         for name, (global_logits, counts) in _cases().items():
             local = _local_rows(global_logits, counts, rank)
-            num_samples = None
-            if len(set(counts)) > 1:  # iBOT-style: the caller passes the all-reduced sample count
-                num_samples = torch.tensor(float(local.shape[0]))
-                dist.all_reduce(num_samples)
-            results[f"sinkhorn/{name}"] = sinkhorn_knopp(local, TEACHER_TEMP, 3, num_samples=num_samples)
+            # uneven counts (iBOT's masked patches per rank, zero on some) need no global count
+            results[f"sinkhorn/{name}"] = sinkhorn_knopp(local, TEACHER_TEMP, 3)
             center = SoftmaxCenter(NUM_PROTOTYPES, momentum=0.9)
             center.update(local)
             center.update(2.0 * local)

@@ -82,31 +82,28 @@ def _global_max(values: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sinkhorn_knopp(
-    teacher_logits: torch.Tensor,
-    teacher_temp: float,
-    num_iterations: int = 3,
-    num_samples: torch.Tensor | int | None = None,
-) -> torch.Tensor:
+def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, num_iterations: int = 3) -> torch.Tensor:
     """Sinkhorn-Knopp teacher targets: an equipartition of the global batch over the K prototypes.
 
-    With Q = exp(z / tau) seen as a [K, B] matrix (prototypes x samples of the GLOBAL batch): divide Q by its total,
-    then ``num_iterations`` times {divide each prototype row by its sum and by K; divide each sample column by its sum
-    and by B}; finally multiply by B. Each returned row (sample) sums to 1; each prototype receives about B / K of
-    the total mass. Prototype sums and the total are all-reduced across ranks; sample sums are local.
+    The recipe, with Q = exp(z / tau) seen as a [K, B] matrix (prototypes x samples of the GLOBAL batch): divide Q by
+    its total, then ``num_iterations`` times {divide each prototype row by its sum and by K; divide each sample column
+    by its sum and by B}; finally multiply by B. Each returned row (sample) sums to 1; each prototype receives about
+    B / K of the total mass. Prototype sums are all-reduced across ranks; sample sums are local.
 
-    For stability the logits are shifted by their global maximum before ``exp`` (computed in float32). A constant
-    factor on Q cancels in the total normalisation, so the result is the reference's wherever that one does not
-    overflow. Prototype or sample sums that underflow to zero are floored at the smallest normal float instead of
-    producing NaN.
+    Every scalar factor of the recipe (1 / total, 1 / K, 1 / B, x B) cancels in the row or column normalisation that
+    follows it, so none is applied: the result is the recipe's exactly in exact arithmetic, with two passes over the
+    [N, K] matrix per iteration instead of four (plus three fewer in total). That matrix is up to [masked patches x
+    131,072] and its passes bound the training step at ViT-S (``bench/sinkhorn.py``; README, GPU table). No global
+    count of samples is needed, so iBOT's masked-patch count is not all-reduced.
+
+    For stability the logits are shifted by their global maximum before ``exp`` (computed in float32); a constant
+    factor on Q cancels too. Prototype or sample sums that underflow to zero are floored at the smallest normal float
+    instead of producing NaN.
 
     Args:
         teacher_logits: ``[N, K]`` logits of this rank's N samples (N may be 0 on some ranks).
         teacher_temp: teacher temperature tau.
         num_iterations: Sinkhorn iterations (3 in the recipe).
-        num_samples: B, the GLOBAL number of samples (a python number or a 0-d tensor already summed over ranks,
-            e.g. the all-reduced count of masked patches for iBOT). None means ``N * world_size``. B only scales
-            intermediate values: the columns are renormalised to one at the end whatever B is.
 
     Returns:
         ``[N, K]`` float32 targets, each row a probability distribution.
@@ -115,16 +112,11 @@ def sinkhorn_knopp(
         raise ValueError(f"sinkhorn_knopp teacher_logits: expected [N, K], got shape {tuple(teacher_logits.shape)}")
     if num_iterations < 1:
         raise ValueError(f"sinkhorn_knopp num_iterations: invalid value {num_iterations!r}; allowed: >= 1")
-    num_prototypes = teacher_logits.shape[1]
     scaled = teacher_logits.float() / teacher_temp
     # [N, K] layout throughout: "prototype rows" of the recipe are dim 0 sums here, "sample columns" dim 1 sums.
     q = scaled.sub_(_global_max(scaled)).exp_()
-    if num_samples is None:
-        num_samples = teacher_logits.shape[0] * get_world_size()
     tiny = torch.finfo(torch.float32).tiny
-    q.div_(all_reduce_sum(q.sum()).clamp_min(tiny))
     for _ in range(num_iterations):
-        prototype_mass = all_reduce_sum(q.sum(dim=0, keepdim=True))
-        q.div_(prototype_mass.clamp_min(tiny)).div_(num_prototypes)
-        q.div_(q.sum(dim=1, keepdim=True).clamp_min(tiny)).div_(num_samples)
-    return q.mul_(num_samples)
+        q.div_(all_reduce_sum(q.sum(dim=0, keepdim=True)).clamp_min_(tiny))
+        q.div_(q.sum(dim=1, keepdim=True).clamp_min_(tiny))
+    return q
