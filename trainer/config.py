@@ -276,7 +276,8 @@ class ParallelConfig:
     fsdp: Literal["auto", "on", "off"] = "auto"
     """``auto``: FSDP2 when world size > 1."""
     param_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    """Mixed-precision parameter dtype on CUDA (CPU always runs float32)."""
+    """Mixed-precision dtype of the backbones on CUDA (CPU always runs float32). ``float16`` is refused by
+    validation: it needs loss scaling, which the trainer does not do."""
     reduce_dtype: Literal["bfloat16", "float32"] = "float32"
     allow_tf32: bool = True
     """float32 matmuls (the float32 heads; every matmul of a float32 run) on TF32 tensor cores on CUDA, as the
@@ -612,6 +613,12 @@ def validate_config(config: TrainConfig, *, world_size: int | None = None) -> No
         raise ConfigError("data.crops.blur_sigma", [lo, hi], "0 < min <= max (pixels)")
     if crops.num_local < 0:
         raise ConfigError("data.crops.num_local", crops.num_local, ">= 0")
+    if config.parallel.param_dtype == "float16":
+        # float16 gradients underflow without loss scaling (the reference pairs fp16 with a GradScaler); this trainer
+        # does no loss scaling, so it refuses rather than silently losing small gradients.
+        raise ConfigError(
+            "parallel.param_dtype", "float16", "bfloat16 or float32 (float16 needs loss scaling, which is not implemented)"
+        )
     mask = config.data.masking
     if not 0 <= mask.mask_ratio_min <= mask.mask_ratio_max <= 0.5:
         raise ConfigError("data.masking.mask_ratio_max", mask.mask_ratio_max, "0 <= mask_ratio_min <= max <= 0.5")

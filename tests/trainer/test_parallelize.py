@@ -9,7 +9,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from tests.dist_utils import run_distributed
-from trainer.config import ParallelConfig
+from trainer.config import ConfigError, ParallelConfig, resolve_config
 from trainer.parallelize import (
     autocast_dtype,
     build_on_meta,
@@ -205,7 +205,6 @@ def test_autocast_dtype_is_the_one_gpu_half_of_mixed_precision():
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     # one rank on a GPU: the step autocasts the backbones (no FSDP policy to do it)
     assert autocast_dtype(ParallelConfig(), world_size=1, device=cuda) is torch.bfloat16
-    assert autocast_dtype(ParallelConfig(param_dtype="float16"), world_size=1, device=cuda) is torch.float16
     assert autocast_dtype(ParallelConfig(param_dtype="float32"), world_size=1, device=cuda) is None
     # FSDP2 (several ranks, or forced on one) casts through its MixedPrecisionPolicy instead; CPUs run float32
     assert autocast_dtype(ParallelConfig(), world_size=2, device=cuda) is None
@@ -222,3 +221,8 @@ def test_configure_cuda_matmul_follows_allow_tf32():
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_float16_is_refused_with_a_clear_error():
+    with pytest.raises(ConfigError, match=r"parallel.param_dtype: invalid value 'float16'; allowed: bfloat16 or float32"):
+        resolve_config("tiny", overrides={"parallel.param_dtype": "float16"})
