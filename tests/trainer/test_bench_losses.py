@@ -1,4 +1,4 @@
-"""bench/sinkhorn.py prints one JSON object; ours and the recipe's pass structure give the same targets."""
+"""bench/sinkhorn.py and bench/dino_loss.py print one JSON object; their baselines compute what ours computes."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from pathlib import Path
 import torch
 
 from trainer.losses.centering import sinkhorn_knopp
+from trainer.losses.dino import dino_cross_entropy
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from bench.dino_loss import einsum_cross_entropy  # noqa: E402
 from bench.sinkhorn import recipe_pass_structure  # noqa: E402
 
 
@@ -40,3 +42,24 @@ def test_sinkhorn_bench_rejects_a_bad_size():
     proc = subprocess.run([sys.executable, "bench/sinkhorn.py", "--rows", "0"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "--rows: invalid value 0; allowed: >= 1" in proc.stderr
+
+
+def test_dino_loss_bench_compares_equal_losses_and_gradients():
+    proc = subprocess.run(
+        [sys.executable, "bench/dino_loss.py", "--batch", "4", "--prototypes", "512", "--locals", "3", "--repeats", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=True,
+    )
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["shape"] == {"global": [2, 4, 512], "local": [3, 4, 512]}
+    assert result["ours_ms"] > 0 and result["einsum_ms"] > 0
+    assert abs(result["speedup"] - result["einsum_ms"] / result["ours_ms"]) < 0.01
+    assert result["loss_difference"] < 1e-5 and result["grad_max_difference"] < 1e-7
+
+
+def test_the_dino_loss_bench_baseline_is_the_same_loss():
+    gen = torch.Generator().manual_seed(1)
+    student_global, student_local = torch.randn(2, 5, 64, generator=gen), torch.randn(4, 5, 64, generator=gen)
+    teacher = torch.softmax(torch.randn(2, 5, 64, generator=gen), dim=-1)
+    for ours, theirs in zip(dino_cross_entropy(student_global, student_local, teacher),
+                            einsum_cross_entropy(student_global, student_local, teacher)):
+        torch.testing.assert_close(ours, theirs)
