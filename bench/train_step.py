@@ -63,6 +63,7 @@ def _peak_mem(device: torch.device) -> int:
 def _profile_step(step, batch: dict, index: int, device: torch.device, dtype, top: int) -> list[dict]:
     """One more step under ``torch.profiler``: the ``top`` operators by self time on the device (CUDA kernels'
     time) or, on a CPU, by self CPU time, each with its share of the step's total self time."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -76,8 +77,6 @@ def _profile_step(step, batch: dict, index: int, device: torch.device, dtype, to
         if device.type == "cuda":
             return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
         return float(event.self_cpu_time_total)
-
-    from torch.autograd import DeviceType
 
     # Operators only (on CUDA each one's kernels' time is its self device time); the kernels' own rows would count
     # the same time twice.
@@ -156,6 +155,8 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after timing, profile one more step of ours and report its N costliest operators")
     args = parser.parse_args()
+    if args.profile < 0:
+        parser.error(f"--profile: invalid value {args.profile}; allowed: >= 0 (0: no profile)")
     from trainer.config import parse_override
 
     device = torch.device(args.device)
