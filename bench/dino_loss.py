@@ -21,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench._cli import positive_int  # noqa: E402
+
 from trainer.losses.dino import dino_cross_entropy, num_dino_loss_terms  # noqa: E402
 
 
@@ -38,15 +40,12 @@ def einsum_cross_entropy(student_global, student_local, teacher_probs, student_t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--prototypes", type=int, default=131072)
-    parser.add_argument("--locals", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=positive_int, default=64)
+    parser.add_argument("--prototypes", type=positive_int, default=131072)
+    parser.add_argument("--locals", type=positive_int, default=8)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
-    for name in ("batch", "prototypes", "locals", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name}: invalid value {getattr(args, name)}; allowed: >= 1")
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
     student_global = torch.randn(2, args.batch, args.prototypes, generator=gen).to(device).requires_grad_()

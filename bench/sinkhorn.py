@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench._cli import positive_int  # noqa: E402
+
 from trainer.losses.centering import sinkhorn_knopp  # noqa: E402
 
 
@@ -49,16 +51,15 @@ def _time(fn, device: torch.device) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=2048, help="N: samples (DINO: 2 x batch; iBOT: masked patches)")
-    parser.add_argument("--prototypes", type=int, default=131072, help="K (the recipes use 65,536 or 131,072)")
-    parser.add_argument("--iterations", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rows", type=positive_int, default=2048,
+                        help="N: samples (DINO: 2 x batch; iBOT: masked patches)")
+    parser.add_argument("--prototypes", type=positive_int, default=131072,
+                        help="K (the recipes use 65,536 or 131,072)")
+    parser.add_argument("--iterations", type=positive_int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--temp", type=float, default=0.07)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
-    for name in ("rows", "prototypes", "iterations", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name}: invalid value {getattr(args, name)}; allowed: >= 1")
     device = torch.device(args.device)
     generator = torch.Generator().manual_seed(0)
     # head logits are cosine similarities with weight-normalised prototypes: [-1, 1]

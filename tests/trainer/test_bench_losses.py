@@ -38,10 +38,13 @@ def test_sinkhorn_bench_prints_one_json_object():
     assert result["max_abs_difference"] < 1e-6
 
 
-def test_sinkhorn_bench_rejects_a_bad_size():
+def test_the_loss_benches_reject_a_bad_size():
     proc = subprocess.run([sys.executable, "bench/sinkhorn.py", "--rows", "0"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "--rows: invalid value 0; allowed: >= 1" in proc.stderr
+    proc = subprocess.run([sys.executable, "bench/dino_loss.py", "--batch", "x"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "--batch: invalid value 'x'; allowed: an integer >= 1" in proc.stderr
 
 
 def test_dino_loss_bench_compares_equal_losses_and_gradients():
