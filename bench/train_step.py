@@ -22,6 +22,7 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -107,9 +108,7 @@ def _measure(preset: str, overrides: dict, mode: str, batch_size: int, steps: in
     # policy runs every module, heads included, in half precision: emulated by autocasting its whole step.
     dtype = torch.bfloat16 if device.type == "cuda" and mode == "reference" else None
     if device.type == "cuda":
-        configure_cuda_matmul(config.parallel)
-        if mode == "reference":
-            torch.backends.cuda.matmul.allow_tf32 = True
+        configure_cuda_matmul(replace(config.parallel, allow_tf32=True) if mode == "reference" else config.parallel)
     if mode == "reference":
         import warnings
 

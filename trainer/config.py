@@ -281,7 +281,7 @@ class ParallelConfig:
     reduce_dtype: Literal["bfloat16", "float32"] = "float32"
     allow_tf32: bool = True
     """float32 matmuls (the float32 heads; every matmul of a float32 run) on TF32 tensor cores on CUDA, as the
-    reference's ``train.py`` sets. Measured on an H100 (``bench/train_step.py --preset vits14``): see the README."""
+    reference's ``train.py`` sets."""
     activation_checkpointing: bool = False
     compile: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"

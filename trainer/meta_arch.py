@@ -116,7 +116,7 @@ def _ibot_head(net: nn.ModuleDict) -> nn.Module:
 
 def _backbone_precision(dtype: torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast for a backbone forward (``dtype`` None: as the parameters are; see ``parallelize.autocast_dtype``).
-    The backbone's outputs leave its final LayerNorm in float32, so the heads after it run in float32."""
+    Only the backbone: callers hand the heads float32 tokens, so heads and losses run in float32."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
@@ -187,11 +187,10 @@ def compute_losses(
             outputs = student["backbone"].forward_features_list(crops, crop_masks)
         else:
             outputs = [student["backbone"].forward_features(x, masks=m) for x, m in zip(crops, crop_masks)]
-    if autocast_dtype is not None:  # heads in float32, as FSDP2's head policy does
-        outputs = [{k: v.float() if torch.is_tensor(v) else v for k, v in out.items()} for out in outputs]
-    global_cls = outputs[0]["x_norm_clstoken"]  # [2B, D]
-    masked_patches = outputs[0]["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]  # [M, D]
-    cls_tokens = torch.cat([global_cls] + ([outputs[1]["x_norm_clstoken"]] if len(crops) > 1 else []))
+    # heads in float32 (as FSDP2's head policy does); a no-op for float32 tokens
+    global_cls = outputs[0]["x_norm_clstoken"].float()  # [2B, D]
+    masked_patches = outputs[0]["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]].float()  # [M, D]
+    cls_tokens = torch.cat([global_cls] + ([outputs[1]["x_norm_clstoken"].float()] if len(crops) > 1 else []))
 
     num_global = global_cls.shape[0]
     batch_size = num_global // 2
