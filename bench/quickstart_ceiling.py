@@ -11,6 +11,8 @@ input pipeline, from the same initial weights and on the same sample order:
 - ``multicrop``: both global crops of the quickstart's own augmentation (``trainer.data.augment``, the spec's
   ``data.crops`` settings: RandomResizedCrop, flip, colour jitter, grayscale, blur, solarize); a step of
   ``--batch-size`` images is then twice as many crops, so this pipeline sees more inputs, not fewer.
+  ``--override data.crops.KEY=VALUE`` (repeatable, as in ``bench/quickstart_knn.py``) changes that augmentation,
+  one component at a time: ``flip_probability=0``, ``aspect_ratio=[1,1]``, ``blur_probabilities=disabled``, ...
 
 Each backbone is then scored like the quickstart (k-NN, k=20, T=0.07, CLS token, the first ``--limit-train`` /
 ``--limit-test`` images), next to raw pixels, and by its own head (``head_top1``, the supervised classifier on the
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit-test", type=int, default=2000)
     parser.add_argument("--pipelines", default=",".join(PIPELINES), help=f"comma-separated subset of {PIPELINES}")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--override", action="append", default=[], help="dotted trainer key=value (data.crops.*)")
     args = parser.parse_args(argv)
     pipelines = [p for p in args.pipelines.split(",") if p]
     unknown = sorted(set(pipelines) - set(PIPELINES))
@@ -58,11 +61,20 @@ def main(argv: list[str] | None = None) -> dict:
     from dino_ctl.stages import stage_train_config
     from trainer.data.augment import MultiCropAugmentation
     from trainer.data.eval_data import eval_transform
+    from trainer.config import ConfigError, config_to_dict, parse_override, resolve_config
     from trainer.evaluate import extract_features, knn_top1, labelled_batches, pixel_features
     from trainer.models import build_backbone
 
     experiment = load_spec(args.spec)
     config = stage_train_config(experiment, experiment.spec.stages[0].name)
+    if args.override:
+        values = config_to_dict(config)
+        values.pop("recipe", None)
+        try:
+            overrides = dict(map(parse_override, args.override))
+            config = resolve_config(config.recipe, file_values=values, overrides=overrides)
+        except (ConfigError, ValueError) as exc:
+            parser.error(f"--override: {exc}")
     evaluation = experiment.spec.evaluation
     if evaluation is None:
         raise SystemExit(f"{args.spec}: spec.evaluation names no labelled train/test data to score on")
@@ -93,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     pixels_fit, pixels_test = pixel_features(train_eval), pixel_features(test_eval)
     report: dict = {
         "benchmark": "quickstart_ceiling",
+        "overrides": args.override,
         "iterations": args.iterations,
         "batch_size": args.batch_size,
         "num_train": int(pixels_fit.labels.numel()),

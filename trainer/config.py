@@ -152,8 +152,16 @@ class CropConfig:
     num_local: int = 8
     global_scale: tuple[float, float] = (0.32, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.32)
-    blur_probabilities: Literal["reference", "paper"] = "reference"
-    """``reference`` (what the released models saw): global1 0.0, global2 0.9, locals 0.5; ``paper``: 1.0/0.1/0.5."""
+    aspect_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """RandomResizedCrop's aspect-ratio range (log-uniform draw), global and local crops alike."""
+    flip_probability: float = 0.5
+    """Horizontal flip of each crop; 0 where left and right differ in meaning (text, some medical images)."""
+    jitter_probability: float = 0.8
+    """Colour jitter of each crop (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, in random order)."""
+    grayscale_probability: float = 0.2
+    blur_probabilities: Literal["reference", "paper", "disabled"] = "reference"
+    """``reference`` (what the released models saw): global1 0.0, global2 0.9, locals 0.5; ``paper``: 1.0/0.1/0.5;
+    ``disabled``: no blur."""
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     """Gaussian blur sigma range in pixels of the output crop (9-tap kernel). The recipe's (0.1, 2.0) was chosen for
     224/96 px crops; configs with much smaller crops may scale it with the crop size (on the 28 px quickstart,
@@ -608,6 +616,13 @@ def validate_config(config: TrainConfig, *, world_size: int | None = None) -> No
         lo, hi = getattr(crops, name)
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"data.crops.{name}", [lo, hi], "0 < min <= max <= 1")
+    lo, hi = crops.aspect_ratio
+    if not 0 < lo <= hi:
+        raise ConfigError("data.crops.aspect_ratio", [lo, hi], "0 < min <= max (width / height)")
+    for name in ("flip_probability", "jitter_probability", "grayscale_probability", "solarize_probability"):
+        value = getattr(crops, name)
+        if not 0 <= value <= 1:
+            raise ConfigError(f"data.crops.{name}", value, "0..1")
     lo, hi = crops.blur_sigma
     if not 0 < lo <= hi:
         raise ConfigError("data.crops.blur_sigma", [lo, hi], "0 < min <= max (pixels)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import math
 
 import numpy as np
@@ -203,3 +205,57 @@ def test_blur_sigma_range_is_configurable_and_validated() -> None:
 
     with pytest.raises(ConfigError, match="data.crops.blur_sigma"):
         resolve_config("tiny", overrides={"data.crops.blur_sigma": [0.5, 0.1]})
+
+
+def test_flip_jitter_grayscale_and_aspect_are_configurable() -> None:
+    crops = CropConfig(
+        global_size=32, local_size=16, num_local=8, aspect_ratio=(1.0, 1.0),
+        flip_probability=0.0, jitter_probability=0.0, grayscale_probability=1.0,
+    )
+    augment = MultiCropAugmentation(crops)
+    plans = [augment.sample_plan(np.random.default_rng(i), 64, 64) for i in range(200)]
+    assert not any(f for p in plans for f in p.flips)
+    colours = [c for p in plans for c in (p.global_colour, p.local_colour)]
+    assert not any(bool(c.jitter.any()) for c in colours)
+    assert all(bool(c.grayscale.all()) for c in colours)
+    assert all(w == h for p in plans for (_, _, w, h) in p.boxes)  # square boxes on a square image
+
+    flipping = dataclasses.replace(crops, flip_probability=1.0, aspect_ratio=(0.5, 2.0))
+    plans = [MultiCropAugmentation(flipping).sample_plan(np.random.default_rng(i), 64, 64) for i in range(200)]
+    assert all(f for p in plans for f in p.flips)
+    ratios = [w / h for p in plans for (_, _, w, h) in p.boxes]
+    assert min(ratios) < 0.7 and max(ratios) > 1.45  # beyond the recipe's 3/4..4/3
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_no_geometry_and_no_colour_gives_the_plain_image(fast_path: bool) -> None:
+    """Every random op off and crops of the whole image: both paths return the image, resized and normalised."""
+    crops = CropConfig(
+        global_size=48, local_size=16, num_local=2, global_scale=(1.0, 1.0), local_scale=(1.0, 1.0),
+        aspect_ratio=(1.0, 1.0), flip_probability=0.0, jitter_probability=0.0, grayscale_probability=0.0,
+        blur_probabilities="disabled", solarize_probability=0.0,
+    )
+    data = encode(synthetic_image(4, 48), "PNG")
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    expected = (torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255 - MEAN[0]) / STD[0]
+    sample = MultiCropAugmentation(crops, fast_path=fast_path)(data, seed=0)
+    for crop in sample.global_crops:
+        assert torch.allclose(crop, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("data.crops.aspect_ratio", [1.5, 1.0]),
+        ("data.crops.aspect_ratio", [0.0, 1.0]),
+        ("data.crops.flip_probability", 1.5),
+        ("data.crops.jitter_probability", -0.1),
+        ("data.crops.grayscale_probability", 2),
+        ("data.crops.solarize_probability", 1.01),
+    ],
+)
+def test_crop_probabilities_and_aspect_are_validated(key: str, value: object) -> None:
+    from trainer.config import ConfigError, resolve_config
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        resolve_config("tiny", overrides={key: value})

@@ -78,3 +78,22 @@ def test_ceiling_bench_rejects_an_unknown_pipeline():
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "--pipelines: invalid value ['mixup']; allowed: clean, flip, multicrop" in proc.stderr
+
+
+def test_ceiling_bench_overrides_change_the_multicrop_augmentation(small_quickstart):
+    spec = small_quickstart[0]
+    common = ["--spec", str(spec), "--iterations", "30", "--batch-size", "8", "--limit-train", "100",
+              "--limit-test", "50", "--pipelines", "multicrop"]
+    plain = ["data.crops.global_scale=[1.0,1.0]", "data.crops.aspect_ratio=[1.0,1.0]", "data.crops.flip_probability=0",
+             "data.crops.jitter_probability=0", "data.crops.grayscale_probability=0",
+             "data.crops.blur_probabilities=disabled", "data.crops.solarize_probability=0"]
+    recipe = _run("bench/quickstart_ceiling.py", *common)
+    off = _run("bench/quickstart_ceiling.py", *common, *(a for o in plain for a in ("--override", o)))
+    assert recipe["overrides"] == [] and off["overrides"] == plain
+    assert off["multicrop"]["final_loss"] != recipe["multicrop"]["final_loss"]
+
+    proc = subprocess.run([sys.executable, "bench/quickstart_ceiling.py", "--spec", str(spec),
+                           "--override", "data.crops.flip_probability=2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "data.crops.flip_probability" in proc.stderr and "0..1" in proc.stderr

@@ -3,6 +3,8 @@
 Per image: 2 global crops and ``num_local`` local crops, each a RandomResizedCrop (aspect 3/4..4/3, bicubic) with a
 horizontal flip (p=0.5), colour jitter (0.4, 0.4, 0.2, 0.1; p=0.8), grayscale (p=0.2), Gaussian blur (kernel 9,
 sigma U(0.1, 2.0)) with per-crop probabilities, solarize (threshold 128) on global crop 2, ImageNet normalisation.
+The recipe's probabilities, scales and aspect ratios are ``data.crops`` settings (:class:`CropConfig`); the jitter
+strengths are fixed.
 
 Fast path (``data.crops.fast_path``): every random parameter is drawn first from one ``numpy`` generator seeded per
 sample; the JPEG is then decoded with libjpeg's DCT scaling (``draft``) at 1/2, 1/4 or 1/8 size when every crop's
@@ -44,13 +46,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ASPECT_RATIO = (3 / 4, 4 / 3)
-JITTER_PROBABILITY, GRAYSCALE_PROBABILITY, FLIP_PROBABILITY = 0.8, 0.2, 0.5
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.4, 0.4, 0.2, 0.1
 BLUR_SIGMA = (0.1, 2.0)
 # (global crop 1, global crop 2, local crops). The reference code inverts the paper's probabilities, so the released
 # models were trained with "reference".
-BLUR_PROBABILITIES: dict[str, tuple[float, float, float]] = {"reference": (0.0, 0.9, 0.5), "paper": (1.0, 0.1, 0.5)}
+BLUR_PROBABILITIES: dict[str, tuple[float, float, float]] = {
+    "reference": (0.0, 0.9, 0.5), "paper": (1.0, 0.1, 0.5), "disabled": (0.0, 0.0, 0.0),
+}
 SeedLike = int | Sequence[int]
 
 
@@ -81,12 +83,13 @@ class CropPlan:
 
 
 def sample_crop_box(
-    rng: np.random.Generator, width: int, height: int, scale: tuple[float, float]
+    rng: np.random.Generator, width: int, height: int, scale: tuple[float, float],
+    aspect_ratio: tuple[float, float] = CropConfig.aspect_ratio,
 ) -> tuple[int, int, int, int]:
     """RandomResizedCrop's box ``(left, top, crop_width, crop_height)``: 10 tries at a random area and aspect ratio,
     then the largest centred box with an allowed aspect ratio (torchvision's algorithm)."""
     area = width * height
-    log_low, log_high = math.log(ASPECT_RATIO[0]), math.log(ASPECT_RATIO[1])
+    log_low, log_high = math.log(aspect_ratio[0]), math.log(aspect_ratio[1])
     for _ in range(10):
         target_area = area * rng.uniform(scale[0], scale[1])
         aspect = math.exp(rng.uniform(log_low, log_high))
@@ -97,10 +100,10 @@ def sample_crop_box(
             left = int(rng.integers(0, width - crop_w + 1))
             return left, top, crop_w, crop_h
     ratio = width / height
-    if ratio < ASPECT_RATIO[0]:
-        crop_w, crop_h = width, int(round(width / ASPECT_RATIO[0]))
-    elif ratio > ASPECT_RATIO[1]:
-        crop_w, crop_h = int(round(height * ASPECT_RATIO[1])), height
+    if ratio < aspect_ratio[0]:
+        crop_w, crop_h = width, int(round(width / aspect_ratio[0]))
+    elif ratio > aspect_ratio[1]:
+        crop_w, crop_h = int(round(height * aspect_ratio[1])), height
     else:
         crop_w, crop_h = width, height
     return (width - crop_w) // 2, (height - crop_h) // 2, crop_w, crop_h
@@ -108,10 +111,11 @@ def sample_crop_box(
 
 def sample_colour_params(
     rng: np.random.Generator, num_crops: int, *, blur_probability: float, solarize_probability: float,
-    blur_sigma: tuple[float, float] = BLUR_SIGMA,
+    blur_sigma: tuple[float, float] = BLUR_SIGMA, jitter_probability: float = CropConfig.jitter_probability,
+    grayscale_probability: float = CropConfig.grayscale_probability,
 ) -> ColourParams:
     """Draw the photometric parameters of ``num_crops`` crops of one kind."""
-    jitter = rng.random(num_crops) < JITTER_PROBABILITY
+    jitter = rng.random(num_crops) < jitter_probability
     factors = np.stack(
         [
             rng.uniform(1 - BRIGHTNESS, 1 + BRIGHTNESS, num_crops),
@@ -123,7 +127,7 @@ def sample_colour_params(
     )
     order = np.array([rng.permutation(NUM_JITTER_OPS) for _ in range(num_crops)], dtype=np.int64)
     order = order.reshape(num_crops, NUM_JITTER_OPS)
-    grayscale = rng.random(num_crops) < GRAYSCALE_PROBABILITY
+    grayscale = rng.random(num_crops) < grayscale_probability
     blur = rng.random(num_crops) < blur_probability
     sigma = np.where(blur, rng.uniform(blur_sigma[0], blur_sigma[1], num_crops), 0.0)
     solarize = rng.random(num_crops) < solarize_probability
@@ -216,16 +220,21 @@ class MultiCropAugmentation:
         """Every random draw of one image of ``width`` x ``height`` (the fast path's draw order)."""
         crops = self.crops
         scales = [crops.global_scale] * 2 + [crops.local_scale] * crops.num_local
-        boxes = [sample_crop_box(rng, width, height, scale) for scale in scales]
-        flips = (rng.random(len(boxes)) < FLIP_PROBABILITY).tolist()
+        aspect = tuple(crops.aspect_ratio)
+        boxes = [sample_crop_box(rng, width, height, scale, aspect) for scale in scales]
+        flips = (rng.random(len(boxes)) < crops.flip_probability).tolist()
         blur_g1, blur_g2, blur_local = self.blur_probabilities
-        sigma = tuple(crops.blur_sigma)
-        first = sample_colour_params(rng, 1, blur_probability=blur_g1, solarize_probability=0.0, blur_sigma=sigma)
+        common = dict(
+            blur_sigma=tuple(crops.blur_sigma),
+            jitter_probability=crops.jitter_probability,
+            grayscale_probability=crops.grayscale_probability,
+        )
+        first = sample_colour_params(rng, 1, blur_probability=blur_g1, solarize_probability=0.0, **common)
         second = sample_colour_params(
-            rng, 1, blur_probability=blur_g2, solarize_probability=crops.solarize_probability, blur_sigma=sigma
+            rng, 1, blur_probability=blur_g2, solarize_probability=crops.solarize_probability, **common
         )
         local = sample_colour_params(
-            rng, crops.num_local, blur_probability=blur_local, solarize_probability=0.0, blur_sigma=sigma
+            rng, crops.num_local, blur_probability=blur_local, solarize_probability=0.0, **common
         )
         return CropPlan(boxes, flips, ColourParams.cat([first, second]), local)
 
@@ -284,13 +293,15 @@ class _ReferencePipeline:
 
         def geometry(size: int, scale: tuple[float, float]) -> list:
             return [
-                T.RandomResizedCrop(size, scale=scale, ratio=ASPECT_RATIO, interpolation=T.InterpolationMode.BICUBIC),
-                T.RandomHorizontalFlip(p=FLIP_PROBABILITY),
+                T.RandomResizedCrop(
+                    size, scale=scale, ratio=tuple(crops.aspect_ratio), interpolation=T.InterpolationMode.BICUBIC
+                ),
+                T.RandomHorizontalFlip(p=crops.flip_probability),
             ]
 
         colour = [
-            T.RandomApply([T.ColorJitter(BRIGHTNESS, CONTRAST, SATURATION, HUE)], p=JITTER_PROBABILITY),
-            T.RandomGrayscale(p=GRAYSCALE_PROBABILITY),
+            T.RandomApply([T.ColorJitter(BRIGHTNESS, CONTRAST, SATURATION, HUE)], p=crops.jitter_probability),
+            T.RandomGrayscale(p=crops.grayscale_probability),
         ]
 
         def blur(p: float) -> T.RandomApply:
