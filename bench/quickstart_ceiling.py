@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from dino_ctl.spec import load_spec
     from dino_ctl.stages import stage_train_config
+    from trainer.config import ConfigError, config_to_dict, parse_override, resolve_config
     from trainer.data.augment import MultiCropAugmentation
     from trainer.data.eval_data import eval_transform
-    from trainer.config import ConfigError, config_to_dict, parse_override, resolve_config
     from trainer.evaluate import extract_features, knn_top1, labelled_batches, pixel_features
     from trainer.models import build_backbone
 

@@ -159,6 +159,7 @@ class CropConfig:
     jitter_probability: float = 0.8
     """Colour jitter of each crop (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, in random order)."""
     grayscale_probability: float = 0.2
+    """Grayscale conversion of each crop (after the jitter)."""
     blur_probabilities: Literal["reference", "paper", "disabled"] = "reference"
     """``reference`` (what the released models saw): global1 0.0, global2 0.9, locals 0.5; ``paper``: 1.0/0.1/0.5;
     ``disabled``: no blur."""
