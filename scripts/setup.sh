@@ -28,5 +28,6 @@ fi
 # The public reference implementation (facebookresearch/dinov2 as published on PyPI), for the parity tests and the
 # reference baseline of bench/train_step.py. Its metadata pins torch 2.0 / xformers 0.0.18, so it goes, without its
 # dependencies, into a directory of its own that only those tests and benchmarks put on sys.path.
-[ -d .venv/reference/dinov2 ] || .venv/bin/pip install -q --no-cache-dir --no-deps --target .venv/reference dinov2==0.0.1.dev2
+[ -d .venv/reference/dinov2 ] ||
+  .venv/bin/pip install -q --no-cache-dir --no-deps --target .venv/reference dinov2==0.0.1.dev2
 echo "set-up complete: activate with 'source .venv/bin/activate'"
