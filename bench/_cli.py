@@ -1,8 +1,10 @@
-"""Argument types shared by the benchmark scripts."""
+"""Argument types and timing shared by the benchmark scripts."""
 
 from __future__ import annotations
 
 import argparse
+import time
+from typing import Any, Callable
 
 
 def positive_int(text: str) -> int:
@@ -14,3 +16,23 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"invalid value {value}; allowed: >= 1")
     return value
+
+
+def timed(fn: Callable[[], Any], device: Any) -> tuple[float, Any]:
+    """Run ``fn()`` once: (wall seconds, its result), synchronising a CUDA ``device`` before and after."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def device_label(device: Any) -> str:
+    """The GPU's name for a CUDA device, else ``cpu`` (the ``device`` field of a benchmark's JSON)."""
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

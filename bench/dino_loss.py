@@ -14,14 +14,13 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench._cli import positive_int  # noqa: E402
+from bench._cli import device_label, positive_int, timed  # noqa: E402
 
 from trainer.losses.dino import dino_cross_entropy, num_dino_loss_terms  # noqa: E402
 
@@ -54,15 +53,14 @@ def main() -> None:
 
     def run(loss_fn) -> tuple[float, torch.Tensor, list[torch.Tensor]]:
         student_global.grad = student_local.grad = None
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        loss_global, loss_local = loss_fn(student_global, student_local, teacher)
-        (loss_global + loss_local).backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        grads = [student_global.grad.clone(), student_local.grad.clone()]
-        return time.perf_counter() - start, (loss_global + loss_local).detach(), grads
+
+        def forward_backward() -> torch.Tensor:
+            loss_global, loss_local = loss_fn(student_global, student_local, teacher)
+            (loss_global + loss_local).backward()
+            return (loss_global + loss_local).detach()
+
+        seconds, loss = timed(forward_backward, device)
+        return seconds, loss, [student_global.grad.clone(), student_local.grad.clone()]
 
     _, ours_loss, ours_grads = run(dino_cross_entropy)  # warm-up of both, and the comparison
     _, base_loss, base_grads = run(einsum_cross_entropy)
@@ -73,7 +71,7 @@ def main() -> None:
     ours_ms, base_ms = 1e3 * statistics.median(ours_s), 1e3 * statistics.median(base_s)
     print(json.dumps({
         "benchmark": "dino_loss",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_label(device),
         "threads": torch.get_num_threads(),
         "shape": {"global": [2, args.batch, args.prototypes], "local": [args.locals, args.batch, args.prototypes]},
         "ours_ms": round(ours_ms, 3),

@@ -15,14 +15,13 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench._cli import positive_int  # noqa: E402
+from bench._cli import device_label, positive_int, timed  # noqa: E402
 
 from trainer.losses.centering import sinkhorn_knopp  # noqa: E402
 
@@ -38,15 +37,6 @@ def recipe_pass_structure(logits: torch.Tensor, teacher_temp: float, num_iterati
         q.div_(q.sum(dim=1, keepdim=True)).div_(num_samples)
     return q.mul_(num_samples)
 
-
-def _time(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -74,12 +64,12 @@ def main() -> None:
     difference = float((ours() - baseline()).abs().max())  # also the warm-up of both
     ours_s, baseline_s = [], []
     for _ in range(args.repeats):
-        ours_s.append(_time(ours, device))
-        baseline_s.append(_time(baseline, device))
+        ours_s.append(timed(ours, device)[0])
+        baseline_s.append(timed(baseline, device)[0])
     ours_ms, baseline_ms = 1e3 * statistics.median(ours_s), 1e3 * statistics.median(baseline_s)
     print(json.dumps({
         "benchmark": "sinkhorn",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_label(device),
         "threads": torch.get_num_threads(),
         "shape": [args.rows, args.prototypes],
         "iterations": args.iterations,
