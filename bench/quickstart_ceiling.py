@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from dino_ctl.spec import load_spec
     from dino_ctl.stages import stage_train_config
-    from trainer.config import ConfigError, config_to_dict, parse_override, resolve_config
+    from trainer.config import ConfigError, parse_override, with_overrides
     from trainer.data.augment import MultiCropAugmentation
     from trainer.data.eval_data import eval_transform
     from trainer.evaluate import extract_features, knn_top1, labelled_batches, pixel_features
@@ -68,11 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
     experiment = load_spec(args.spec)
     config = stage_train_config(experiment, experiment.spec.stages[0].name)
     if args.override:
-        values = config_to_dict(config)
-        values.pop("recipe", None)
         try:
-            overrides = dict(map(parse_override, args.override))
-            config = resolve_config(config.recipe, file_values=values, overrides=overrides)
+            config = with_overrides(config, dict(map(parse_override, args.override)))
         except (ConfigError, ValueError) as exc:
             parser.error(f"--override: {exc}")
     evaluation = experiment.spec.evaluation

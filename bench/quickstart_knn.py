@@ -42,7 +42,7 @@ def main() -> None:
     from dino_ctl.spec import load_spec
     from dino_ctl.stages import stage_train_config
     from trainer import layout
-    from trainer.config import config_to_dict, parse_override, resolve_config
+    from trainer.config import parse_override, with_overrides
     from trainer.train import train
 
     experiment = load_spec(args.spec)
@@ -59,9 +59,7 @@ def main() -> None:
             "metrics.port": -1,
             **dict(parse_override(o) for o in args.override),
         }
-        values = config_to_dict(base)
-        values.pop("recipe", None)
-        config = resolve_config(base.recipe, file_values=values, overrides=overrides)
+        config = with_overrides(base, overrides)
         start = time.perf_counter()
         code = train(config)
         seconds = time.perf_counter() - start

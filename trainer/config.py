@@ -47,6 +47,7 @@ __all__ = [
     "parse_override",
     "resolve_config",
     "validate_config",
+    "with_overrides",
 ]
 
 
@@ -582,6 +583,13 @@ def resolve_config(
     config = config_from_dict(data)
     validate_config(config)
     return config
+
+
+def with_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """``config`` with dotted ``overrides`` on top, resolved and validated again (same recipe)."""
+    values = config_to_dict(config)
+    values.pop("recipe", None)
+    return resolve_config(config.recipe, file_values=values, overrides=overrides)
 
 
 def load_config_file(path: str | None, overrides: list[str], *, recipe: str | None = None) -> TrainConfig:
