@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = [
     "list_items",
     "object_path",
     "resource_for",
+    "split_lines",
 ]
 
 logger = logging.getLogger(__name__)
@@ -98,14 +99,38 @@ def list_items(response: Mapping[str, Any], resource: Resource) -> list[dict[str
     return [{"apiVersion": resource.api_version, "kind": resource.kind, **item} for item in response.get("items") or []]
 
 
+CONFLICT_HINT = (
+    "another field manager owns these fields; dino-ctl does not overwrite them silently. Change them back, or "
+    "re-run with --force-conflicts to take ownership"
+)
+
+
 def kube_error(verb: str, target: str, status: int, body: str | bytes | None) -> KubeError:
-    """A :class:`KubeError` from an HTTP status and a ``Status`` body (its message when it has one)."""
+    """A :class:`KubeError` from an HTTP status and a ``Status`` body (its message when it has one).
+
+    A server-side-apply conflict (409 on apply) keeps the server's list of conflicting managers and fields and says
+    what to do about it.
+    """
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else (body or "")
     try:
         reason = json.loads(text).get("message") or text
     except (ValueError, AttributeError):
         reason = text
-    return KubeError(verb, target, status, reason.strip() or "no reason given")
+    reason = reason.strip() or "no reason given"
+    if verb == "apply" and status == 409:
+        reason = f"{reason}; {CONFLICT_HINT}"
+    return KubeError(verb, target, status, reason)
+
+
+def split_lines(chunks: Iterable[bytes]) -> Iterator[str]:
+    """Text lines of a byte stream cut at arbitrary points (a line or a UTF-8 character may span chunks)."""
+    pending = b""
+    for chunk in chunks:
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        yield from (line.decode("utf-8", "replace") for line in lines)
+    if pending:
+        yield pending.decode("utf-8", "replace")
 
 
 def _target(obj_or_kind: Mapping[str, Any] | str, name: str | None = None, namespace: str | None = None) -> str:
@@ -115,16 +140,30 @@ def _target(obj_or_kind: Mapping[str, Any] | str, name: str | None = None, names
     return f"{obj_or_kind}/{name or '*'}" + (f" in {namespace}" if namespace else "")
 
 
+_SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def _in_cluster_namespace() -> str:
+    """A pod's own namespace (its service account's), else ``default``."""
+    try:
+        with open(_SERVICE_ACCOUNT_NAMESPACE, encoding="utf-8") as handle:
+            return handle.read().strip() or "default"
+    except OSError:
+        return "default"
+
+
 class KubeClient:
     """Plain-dict access to the objects dino-ctl manages. Build with :meth:`from_kubeconfig` or an ``ApiClient``."""
 
-    def __init__(self, api_client: Any, *, namespace: str = "default") -> None:
+    def __init__(self, api_client: Any, *, namespace: str = "default", force_conflicts: bool = False) -> None:
         self.api = api_client
         self.namespace = namespace
         """Default namespace (the kubeconfig context's)."""
+        self.force_conflicts = force_conflicts
+        """Default of :meth:`apply`'s ``force``: take fields other managers own (the CLI's ``--force-conflicts``)."""
 
     @classmethod
-    def from_kubeconfig(cls, *, context: str | None = None) -> KubeClient:
+    def from_kubeconfig(cls, *, context: str | None = None, force_conflicts: bool = False) -> KubeClient:
         """A client for the current kubeconfig context (or ``context``), else the in-cluster service account."""
         from kubernetes import config
 
@@ -134,7 +173,8 @@ class KubeClient:
             contexts, active = config.list_kube_config_contexts(config_file=path)
             chosen = next((c for c in contexts if c["name"] == context), active) if context else active
             namespace = (chosen or {}).get("context", {}).get("namespace", "default")
-            return cls(config.new_client_from_config(config_file=path, context=context), namespace=namespace)
+            return cls(config.new_client_from_config(config_file=path, context=context), namespace=namespace,
+                       force_conflicts=force_conflicts)
         except config.ConfigException as exc:
             try:
                 config.load_incluster_config()
@@ -142,7 +182,7 @@ class KubeClient:
                 raise KubeError("load", "kubeconfig", 0, f"no usable kubeconfig or in-cluster config ({exc})") from exc
             from kubernetes.client import ApiClient
 
-            return cls(ApiClient(), namespace="default")
+            return cls(ApiClient(), namespace=_in_cluster_namespace(), force_conflicts=force_conflicts)
 
     def _call(self, verb: str, target: str, method: str, path: str, **kwargs: Any) -> Any:
         from kubernetes.client.exceptions import ApiException
@@ -164,17 +204,22 @@ class KubeClient:
         response = self._call(verb, target, method, path, header_params=headers, **kwargs)
         return json.loads(response.data or b"{}")
 
-    def apply(self, obj: Mapping[str, Any], *, field_manager: str = FIELD_MANAGER, dry_run: bool = False) -> dict:
+    def apply(self, obj: Mapping[str, Any], *, field_manager: str = FIELD_MANAGER, dry_run: bool = False,
+              force: bool | None = None) -> dict:
         """Server-side apply ``obj`` (create or update the fields this manager owns); returns the live object.
 
-        ``dry_run`` asks the API server to validate and admit the object without storing it.
+        A field that another manager set to a different value is a 409 :class:`KubeError` naming the manager and
+        the fields, unless ``force`` (default :attr:`force_conflicts`) takes ownership of them. ``dry_run`` asks the API server to validate and admit
+        the object without storing it.
         """
         resource = resource_for(obj["apiVersion"], obj["kind"])
         meta = obj["metadata"]
         namespace = meta.get("namespace") or (self.namespace if resource.namespaced else None)
         body = {**obj, "metadata": {**meta, **({"namespace": namespace} if resource.namespaced else {})}}
         path = object_path(resource, namespace=namespace, name=meta["name"])
-        query = [("fieldManager", field_manager), ("force", "true"), *([("dryRun", "All")] if dry_run else [])]
+        force = self.force_conflicts if force is None else force
+        query = [("fieldManager", field_manager), *([("force", "true")] if force else []),
+                 *([("dryRun", "All")] if dry_run else [])]
         headers = {"Content-Type": "application/apply-patch+yaml"}
         return self._json("apply", _target(body), "PATCH", path, query_params=query, header_params=headers, body=body)
 
@@ -238,10 +283,4 @@ class KubeClient:
                                                   ("follow", "true" if follow else None)) if value is not None]
         response = self._call("logs", _target("Pod", name, namespace), "GET", path, query_params=query,
                               header_params={"Accept": "*/*"}, timeout=None if follow else _TIMEOUT_SECONDS)
-        pending = b""
-        for chunk in response.stream(4096):
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            yield from (line.decode("utf-8", "replace") for line in lines)
-        if pending:
-            yield pending.decode("utf-8", "replace")
+        yield from split_lines(response.stream(4096))

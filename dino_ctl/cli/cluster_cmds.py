@@ -32,13 +32,17 @@ ContextOption = Annotated[str | None, typer.Option("--context", help="kubeconfig
 WaitOption = Annotated[bool, typer.Option("--wait", help="Keep reconciling until the experiment ends.")]
 PollOption = Annotated[float, typer.Option("--poll-seconds", min=0.0, help="Seconds between passes with --wait.")]
 TimeoutOption = Annotated[float | None, typer.Option("--timeout", min=0.0, help="Stop waiting after N seconds.")]
+ForceConflictsOption = Annotated[bool, typer.Option(
+    "--force-conflicts",
+    help="Take ownership of fields another field manager (kubectl edit, another tool) changed; without it such a "
+         "conflict is reported and nothing is overwritten.")]
 
 
-def _client(context: str | None, output: OutputFormat) -> Any:
+def _client(context: str | None, output: OutputFormat, *, force_conflicts: bool = False) -> Any:
     from dino_ctl.kube import KubeClient
 
     try:
-        return KubeClient.from_kubeconfig(context=context)
+        return KubeClient.from_kubeconfig(context=context, force_conflicts=force_conflicts)
     except DinoCtlError as exc:
         fail(exc, output)
 
@@ -99,6 +103,7 @@ def submit(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be applied; touch no cluster.")] = False,
     poll_seconds: PollOption = 30.0,
     timeout: TimeoutOption = None,
+    force_conflicts: ForceConflictsOption = False,
     context: ContextOption = None,
     output: OutputOption = OutputFormat.TEXT,
 ) -> None:
@@ -112,7 +117,7 @@ def submit(
     if dry_run:
         _print_dry_run(experiment, output)
         return
-    client = _client(context, output)
+    client = _client(context, output, force_conflicts=force_conflicts)
     try:
         result = reconcile.submit(client, experiment)
         _print_pass(experiment, result, output)
@@ -193,12 +198,12 @@ def logs(
         fail(exc, output)
 
 
-def cancel(name: NameArgument, namespace: NamespaceOption = None, context: ContextOption = None,
-           output: OutputOption = OutputFormat.TEXT) -> None:
+def cancel(name: NameArgument, namespace: NamespaceOption = None, force_conflicts: ForceConflictsOption = False,
+           context: ContextOption = None, output: OutputOption = OutputFormat.TEXT) -> None:
     """Stop the experiment: record the cancel request and delete every running job (checkpoints stay)."""
     from dino_ctl.reconcile import reconcile_once, set_cancel
 
-    client = _client(context, output)
+    client = _client(context, output, force_conflicts=force_conflicts)
     experiment = _load(client, name, namespace, output)
     try:
         set_cancel(client, experiment, cancel=True)
@@ -214,13 +219,14 @@ def resume(
     poll_seconds: PollOption = 30.0,
     timeout: TimeoutOption = None,
     namespace: NamespaceOption = None,
+    force_conflicts: ForceConflictsOption = False,
     context: ContextOption = None,
     output: OutputOption = OutputFormat.TEXT,
 ) -> None:
     """Continue an experiment from the cluster's state (after a cancel, a failure or a dead CLI machine)."""
     from dino_ctl import reconcile
 
-    client = _client(context, output)
+    client = _client(context, output, force_conflicts=force_conflicts)
     experiment = _load(client, name, namespace, output)
     try:
         reconcile.set_cancel(client, experiment, cancel=False)

@@ -1,4 +1,4 @@
-"""The CLI through Typer's CliRunner: exit codes, output, ``--output json``; cluster commands on the fake server."""
+"""The CLI through Typer's CliRunner: exit codes, output, ``--output json`` (cluster commands: tests/cluster)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import yaml
 from typer.testing import CliRunner
 
 from dino_ctl.cli.main import app
-from tests.dino_ctl.fake_apiserver import RunningServer
 from tests.dino_ctl.spec_helpers import EXAMPLES, GOLDEN, document
 
 runner = CliRunner()
@@ -120,43 +119,6 @@ def test_cluster_commands_without_a_cluster_exit_1(tmp_path: Path, monkeypatch: 
     result = runner.invoke(app, ["status", "demo", "-o", "json"])
     assert result.exit_code == 1
     assert "no usable kubeconfig" in json.loads(result.stdout)["error"]
-
-
-def test_submit_status_cancel_resume_logs_against_a_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with RunningServer() as server:
-        monkeypatch.setenv("KUBECONFIG", str(server.write_kubeconfig(tmp_path / "kubeconfig")))
-        result = runner.invoke(app, ["submit", str(_spec_file(tmp_path)), "-o", "json"])
-        assert result.exit_code == 0, result.output
-        report = json.loads(result.stdout)
-        assert report["actions"] == [{"kind": "submit", "stage": "pretrain", "reason": "start", "message": ""}]
-
-        job = server.state.find("PyTorchJob", "demo-pretrain")
-        job["status"] = {"conditions": [{"type": "Running", "status": "True", "message": "running"}]}
-        result = runner.invoke(app, ["status", "demo"])
-        assert result.exit_code == 0 and "demo (ml): Running" in result.stdout and "running" in result.stdout
-        status = json.loads(runner.invoke(app, ["status", "demo", "-o", "json"]).stdout)
-        assert [(s["stage"], s["phase"]) for s in status["stages"]] == [
-            ("pretrain", "Running"), ("highres", "Absent"), ("distill", "Absent")]
-
-        labels = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["metadata"]["labels"]
-        server.state.add({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "demo-pretrain-worker-0",
-                          "labels": labels}, "spec": {"containers": [{"name": "pytorch"}]}},
-                         "/api/v1/namespaces/ml/pods/demo-pretrain-worker-0")
-        server.state.logs["demo-pretrain-worker-0"] = "it 10 loss 9.1\nit 20 loss 8.7\n"
-        result = runner.invoke(app, ["logs", "demo", "--tail", "1"])
-        assert result.exit_code == 0 and result.stdout == "it 20 loss 8.7\n"
-
-        result = runner.invoke(app, ["cancel", "demo", "-o", "json"])
-        assert result.exit_code == 0 and json.loads(result.stdout)["phase"] == "Cancelled"
-        assert server.state.find("PyTorchJob", "demo-pretrain") is None
-
-        result = runner.invoke(app, ["resume", "demo", "-o", "json"])
-        assert result.exit_code == 0
-        assert [a["kind"] for a in json.loads(result.stdout)["actions"]] == ["submit"]
-        assert server.state.find("PyTorchJob", "demo-pretrain") is not None
-
-        result = runner.invoke(app, ["status", "nope"])
-        assert result.exit_code == 1 and "no record ConfigMap and no DinoExperiment" in result.stderr
 
 
 def test_shell_completion_is_offered() -> None:
