@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch.nn.functional as F
     from streaming import LocalDataset
 
-    from dino_ctl.spec import load_spec
+    from dino_ctl.validation import load_spec
     from dino_ctl.stages import stage_train_config
     from trainer.config import ConfigError, parse_override, with_overrides
     from trainer.data.augment import MultiCropAugmentation

@@ -39,7 +39,7 @@ def main() -> None:
     import torch
 
     from dino_ctl.cli.eval_cmds import run_eval
-    from dino_ctl.spec import load_spec
+    from dino_ctl.validation import load_spec
     from dino_ctl.stages import stage_train_config
     from trainer import layout
     from trainer.config import parse_override, with_overrides

@@ -23,7 +23,7 @@ from enum import StrEnum
 
 from dino_ctl.observe import JobPhase, Observed, Reason, RestartCounts, StageObservation, observe
 from dino_ctl.spec import DinoExperiment, FailureBudget
-from dino_ctl.validation import stage_order
+from dino_ctl.stages import resolve_experiment
 
 __all__ = [
     "Action",
@@ -123,7 +123,7 @@ def plan(spec: DinoExperiment, observed: Observed, *, retry_failed: bool = False
     ``retry_failed`` (``dino-ctl resume --retry-failed``) gives stages over their failure budget a fresh budget.
     Pure: no I/O, no clock, no randomness.
     """
-    stages = [observed.stage(name) for name in stage_order(spec)]
+    stages = [observed.stage(name) for name in resolve_experiment(spec).order]
     if observed.cancel_requested:
         return [
             Action(kind=ActionKind.DELETE, stage=obs.stage, reason="cancel", message="cancel requested")
@@ -149,7 +149,7 @@ def plan(spec: DinoExperiment, observed: Observed, *, retry_failed: bool = False
 
 def experiment_phase(spec: DinoExperiment, observed: Observed) -> ExperimentPhase:
     """The experiment's phase as ``dino-ctl status`` and the controller's status report it."""
-    stages = [observed.stage(name) for name in stage_order(spec)]
+    stages = [observed.stage(name) for name in resolve_experiment(spec).order]
     active = [obs for obs in stages if obs.phase not in (JobPhase.ABSENT, JobPhase.SUCCEEDED, JobPhase.FAILED)]
     if observed.cancel_requested:
         return ExperimentPhase.CANCELLED

@@ -5,19 +5,17 @@ One schema serves the CLI (``dino-ctl validate/render/submit``), the in-cluster 
 trainer (each stage resolves to a ``trainer.config.TrainConfig``, see :mod:`dino_ctl.stages`).
 
 Field names on the wire are camelCase as in every Kubernetes API; Python attributes are snake_case. Unknown keys are
-errors. This module checks the shape of each field; :mod:`dino_ctl.validation` checks the rules that span fields
-(stage graph, world sizes, recipes). Nothing here imports torch.
+errors. This module checks the shape of each field (:func:`parse_spec`); :mod:`dino_ctl.validation` checks the rules
+that span fields (stage graph, world sizes, recipes) and loads spec files (``load_spec``). Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import re
 import typing
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError
 from pydantic.alias_generators import to_camel
 from pydantic.json_schema import WithJsonSchema
 
@@ -52,7 +50,6 @@ __all__ = [
     "Toleration",
     "TorchXSpec",
     "TrainJobSpec",
-    "load_spec",
     "parse_spec",
 ]
 
@@ -399,6 +396,8 @@ class DinoExperiment(SpecModel):
     spec: ExperimentSpec
     status: dict[str, Any] | None = None
     """Written by the controller; ignored on input."""
+    _resolved: Any = PrivateAttr(default=None)
+    """Memo of :func:`dino_ctl.stages.resolve_experiment` (the document is immutable, so it is resolved once)."""
 
     @property
     def name(self) -> str:
@@ -481,23 +480,3 @@ def parse_spec(document: Any) -> DinoExperiment:
             for err in exc.errors(include_url=False)
         ]
         raise SpecErrors(errors) from None
-
-
-def load_spec(path: str | Path) -> DinoExperiment:
-    """Read a spec file (YAML or JSON), check its shape and every cross-field rule; raise :class:`SpecErrors`.
-
-    A file holding several YAML documents must contain exactly one ``DinoExperiment``.
-    """
-    text = Path(path).read_text(encoding="utf-8")
-    try:
-        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
-    except yaml.YAMLError as exc:
-        raise SpecErrors([SpecError(str(path), "<unparsable YAML>", f"valid YAML ({exc})")]) from None
-    experiments = [doc for doc in documents if not isinstance(doc, dict) or doc.get("kind", KIND) == KIND]
-    if len(experiments) != 1:
-        raise SpecErrors([SpecError(str(path), f"{len(experiments)} documents", f"exactly one {KIND} document")])
-    experiment = parse_spec(experiments[0])
-    from dino_ctl.validation import validate_experiment  # late: validation imports this module
-
-    validate_experiment(experiment)
-    return experiment

@@ -1,4 +1,9 @@
-"""From a spec's stage to the trainer's resolved ``TrainConfig`` (torch-free).
+"""From a spec to its resolved stages: :func:`resolve_experiment` (torch-free).
+
+An experiment is resolved once into a :class:`ResolvedExperiment`: the stage order, each stage's resolved and
+validated ``TrainConfig``, its node range and world sizes, and its checkpoint directory. Validation computes it
+(:func:`dino_ctl.validation.validate_experiment` returns it); the renderers, ``dino-ctl run``, the planner and the
+controller read the same object, memoised on the (immutable) spec document, so no stage is resolved twice.
 
 Resolution of stage ``X`` (``trainer.config.resolve_config``): dataclass defaults <- ``RECIPES[X.recipe]`` <-
 values the spec decides (checkpoint dir, data streams, metrics port, seed, stage links) <- ``X.overrides``.
@@ -13,21 +18,28 @@ values the spec decides (checkpoint dir, data streams, metrics port, seed, stage
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from trainer.config import ConfigError, TrainConfig, config_to_dict, resolve_config
 
-from dino_ctl.errors import SpecError
-from dino_ctl.spec import DinoExperiment
+from dino_ctl.errors import SpecError, SpecErrors
+from dino_ctl.spec import DinoExperiment, NodeRange
 
 __all__ = [
     "PVC_MOUNT_ROOT",
+    "ResolvedExperiment",
+    "ResolvedStage",
     "pvc_claims",
     "pvc_mount_path",
+    "resolve_experiment",
     "stage_checkpoint_dir",
     "stage_config_error",
+    "stage_order",
     "stage_train_config",
     "trainer_path",
+    "world_sizes",
 ]
 
 PVC_MOUNT_ROOT = "/mnt/dino-ctl"
@@ -123,23 +135,132 @@ def _spec_values(experiment: DinoExperiment, stage_name: str, resolve: Any) -> d
     return values
 
 
-def stage_train_config(experiment: DinoExperiment, stage_name: str) -> TrainConfig:
-    """The resolved ``TrainConfig`` of stage ``stage_name`` (what its ConfigMap holds and the trainer reads).
+def world_sizes(nodes: NodeRange, procs_per_node: int) -> list[int]:
+    """Every world size torchrun may form: each node count in ``[min, max]`` times the processes per node."""
+    return [count * procs_per_node for count in range(nodes.min, nodes.max + 1)]
 
-    Stages referenced by ``init``/``teacher`` are resolved first. Raises :class:`SpecError` with the spec field path
-    when the trainer rejects a value (unknown recipe or override key, crop size not a multiple of the patch, ...).
-    The stage graph must be acyclic (checked by :func:`dino_ctl.validation.validate_experiment`).
+
+def stage_order(experiment: DinoExperiment) -> list[str]:
+    """Stage names in a dependency-respecting order (ties keep document order).
+
+    Raises :class:`SpecError` when the graph has a cycle or a reference to a missing stage (validation reports
+    those with their exact field first; this only keeps an unvalidated document from looping).
     """
-    cache: dict[str, TrainConfig] = {}
+    done: list[str] = []
+    pending = [stage.name for stage in experiment.spec.stages]
+    while pending:
+        ready = next((n for n in pending if all(d in done for d in experiment.spec.stage(n).dependencies())), None)
+        if ready is None:
+            raise SpecError("spec.stages", pending, "an acyclic stage graph of existing stages")
+        done.append(ready)
+        pending.remove(ready)
+    return done
 
-    def resolve(name: str) -> TrainConfig:
-        if name not in cache:
-            stage = experiment.spec.stage(name)
-            values = _spec_values(experiment, name, resolve)
-            try:
-                cache[name] = resolve_config(stage.recipe, file_values=values, overrides=dict(stage.overrides))
-            except ConfigError as exc:
-                raise stage_config_error(experiment, name, exc) from exc
-        return cache[name]
 
-    return resolve(stage_name)
+@dataclass(frozen=True, kw_only=True)
+class ResolvedStage:
+    """One stage after resolution: what its ConfigMap holds and where and at which sizes it runs."""
+
+    name: str
+    index: int
+    """Position in ``spec.stages`` (error paths name it)."""
+    config: TrainConfig
+    """The resolved ``TrainConfig``, checked by ``validate_config`` (the world-size rules are validation's)."""
+    nodes: NodeRange
+    """The stage's node range (its own or ``spec.resources.nodes``)."""
+    procs_per_node: int
+    """Trainer processes per node."""
+    checkpoint_dir: str
+    """``<storage.checkpoints>/<stage>`` as the trainer sees it (pvc:// mapped to the mount path)."""
+
+    @property
+    def world_sizes(self) -> list[int]:
+        """Every world size this stage may run at (each node count in its range times ``procs_per_node``)."""
+        return world_sizes(self.nodes, self.procs_per_node)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResolvedExperiment:
+    """An experiment resolved once: its stages in dependency order, each with its resolved config."""
+
+    experiment: DinoExperiment
+    """The document this was resolved from."""
+    stages: tuple[ResolvedStage, ...]
+    """Every stage, in dependency order (:func:`stage_order`)."""
+
+    @property
+    def order(self) -> list[str]:
+        """Stage names in dependency order."""
+        return [stage.name for stage in self.stages]
+
+    def stage(self, name: str) -> ResolvedStage:
+        """The resolved stage ``name``; :class:`SpecError` listing the stage names when there is none."""
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise SpecError("stage", name, "one of " + ", ".join(self.order))
+
+    def config(self, name: str) -> TrainConfig:
+        """The resolved ``TrainConfig`` of stage ``name``."""
+        return self.stage(name).config
+
+    def __iter__(self) -> Iterator[ResolvedStage]:
+        return iter(self.stages)
+
+
+def _resolve_stages(experiment: DinoExperiment) -> tuple[dict[str, TrainConfig], list[SpecError]]:
+    """Each stage's config in dependency order, and the errors of those that failed (a child of a failed stage is
+    skipped: its parent's error is reported once, at the parent)."""
+    configs: dict[str, TrainConfig] = {}
+    errors: list[SpecError] = []
+    for name in stage_order(experiment):
+        stage = experiment.spec.stage(name)
+        if any(dep not in configs for dep in stage.dependencies()):
+            continue
+        values = _spec_values(experiment, name, configs.__getitem__)
+        try:
+            configs[name] = resolve_config(stage.recipe, file_values=values, overrides=dict(stage.overrides))
+        except ConfigError as exc:
+            errors.append(stage_config_error(experiment, name, exc))
+    return configs, errors
+
+
+def resolve_experiment(experiment: DinoExperiment) -> ResolvedExperiment:
+    """The :class:`ResolvedExperiment` of ``experiment``, computed on the first call and memoised on the document.
+
+    Raises :class:`SpecErrors` naming the spec field of every stage whose config the trainer rejects (unknown recipe
+    or override key, crop size not a multiple of the patch, ...). The stage graph must be sound (checked first by
+    :func:`dino_ctl.validation.validate_experiment`).
+    """
+    memo = experiment._resolved  # noqa: SLF001 - the document's memo slot, owned by this function
+    if isinstance(memo, ResolvedExperiment) and memo.experiment is experiment:  # a model_copy carries a stale one
+        return memo
+    try:
+        configs, errors = _resolve_stages(experiment)
+    except SpecError as exc:
+        raise SpecErrors([exc]) from None
+    if errors:
+        raise SpecErrors(list({str(error): error for error in errors}.values()))
+    spec = experiment.spec
+    stages = tuple(
+        ResolvedStage(
+            name=name,
+            index=spec.stage_index(name),
+            config=config,
+            nodes=spec.stage_nodes(name),
+            procs_per_node=spec.resources.num_procs_per_node,
+            checkpoint_dir=stage_checkpoint_dir(experiment, name),
+        )
+        for name, config in configs.items()
+    )
+    resolved = ResolvedExperiment(experiment=experiment, stages=stages)
+    experiment._resolved = resolved  # noqa: SLF001
+    return resolved
+
+
+def stage_train_config(experiment: DinoExperiment, stage_name: str) -> TrainConfig:
+    """The resolved ``TrainConfig`` of stage ``stage_name``: ``resolve_experiment(experiment).config(stage_name)``.
+
+    Raises :class:`SpecErrors` when a stage's config is invalid (see :func:`resolve_experiment`).
+    """
+    return resolve_experiment(experiment).config(stage_name)

@@ -1,8 +1,10 @@
-"""Rules that span fields of a spec: checked after the shape checks, before anything is rendered or submitted.
+"""Loading a spec file and the rules that span its fields: checked after the shape checks, before anything is
+rendered or submitted.
 
 Each rule returns :class:`SpecError` values naming the field path, the bad value and what is allowed;
 :func:`validate_experiment` raises them together as :class:`SpecErrors` (the CLI exits with code 2). Rules that need a
-sound stage graph (trainer configs, world sizes) run only when the graph checks passed.
+sound stage graph (trainer configs, world sizes) run only when the graph checks passed; they read the experiment's
+one :class:`~dino_ctl.stages.ResolvedExperiment`, which :func:`validate_experiment` returns.
 """
 
 from __future__ import annotations
@@ -10,37 +12,23 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
+import yaml
 from trainer.config import ConfigError, validate_config
 
 from dino_ctl.errors import SpecError, SpecErrors
 from dino_ctl.naming import child_name
-from dino_ctl.spec import DinoExperiment, NodeRange
-from dino_ctl.stages import stage_config_error, stage_train_config
+from dino_ctl.spec import KIND, DinoExperiment, parse_spec
+from dino_ctl.stages import ResolvedExperiment, resolve_experiment, stage_config_error, stage_order, world_sizes
 
-__all__ = ["RDZV_PORT", "stage_order", "validate_experiment", "world_sizes"]
+__all__ = ["RDZV_PORT", "load_spec", "stage_order", "validate_experiment", "world_sizes"]
 
 logger = logging.getLogger(__name__)
 
 RDZV_PORT = 29400
 """torchrun's c10d rendezvous port (PyTorchJob elastic) and Trainer v2's PET_MASTER_PORT."""
 _SECRET_NAME = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL)", re.IGNORECASE)
-
-
-def world_sizes(nodes: NodeRange, procs_per_node: int) -> list[int]:
-    """Every world size torchrun may form: each node count in ``[min, max]`` times the processes per node."""
-    return [count * procs_per_node for count in range(nodes.min, nodes.max + 1)]
-
-
-def stage_order(experiment: DinoExperiment) -> list[str]:
-    """Stage names in a dependency-respecting order (ties keep document order). The graph must be acyclic."""
-    done: list[str] = []
-    pending = [stage.name for stage in experiment.spec.stages]
-    while pending:
-        ready = next(n for n in pending if all(d in done for d in experiment.spec.stage(n).dependencies()))
-        done.append(ready)
-        pending.remove(ready)
-    return done
 
 
 def _graph_errors(experiment: DinoExperiment) -> Iterator[SpecError]:
@@ -140,35 +128,28 @@ def _child_name_errors(experiment: DinoExperiment) -> Iterator[SpecError]:
         seen[name] = i
 
 
-def _stage_config_errors(experiment: DinoExperiment) -> Iterator[SpecError]:
-    spec = experiment.spec
-    procs = spec.resources.num_procs_per_node
-    for i, stage in enumerate(spec.stages):
-        try:
-            config = stage_train_config(experiment, stage.name)
-        except SpecError as exc:
-            if exc.path.startswith(f"spec.stages[{i}]") or not exc.path.startswith("spec.stages["):
-                yield exc  # a parent's error is reported once, at the parent
-            continue
-        nodes = spec.stage_nodes(stage.name)
-        for size in world_sizes(nodes, procs):
+def _world_size_errors(resolved: ResolvedExperiment) -> Iterator[SpecError]:
+    """The rules that depend on the world size, for every size each stage may run at (first failure per stage)."""
+    experiment = resolved.experiment
+    for stage in resolved:
+        nodes, procs = stage.nodes, stage.procs_per_node
+        for size in stage.world_sizes:
             try:
-                validate_config(config, world_size=size)
+                validate_config(stage.config, world_size=size)
             except ConfigError as exc:
                 error = stage_config_error(experiment, stage.name, exc)
-                count = size // procs
-                where = f"nodes {nodes.min}..{nodes.max} x {procs} processes; {count} nodes give world size {size}"
+                where = f"nodes {nodes.min}..{nodes.max} x {procs} processes; {size // procs} nodes give world size {size}"
                 yield SpecError(error.path, error.value, f"{error.allowed} [{where}]")
                 break
-        if nodes.min != nodes.max and spec.data.num_canonical_nodes is None and config.data.streams:
+        if nodes.min != nodes.max and experiment.spec.data.num_canonical_nodes is None and stage.config.data.streams:
             logger.warning(
                 "stage %s is elastic (%d..%d nodes) and spec.data.numCanonicalNodes is unset: using %d",
                 stage.name, nodes.min, nodes.max, nodes.max,
             )
 
 
-def validate_experiment(experiment: DinoExperiment, *, backend: str | None = None) -> None:
-    """Run every cross-field rule; raise :class:`SpecErrors` listing all violations.
+def validate_experiment(experiment: DinoExperiment, *, backend: str | None = None) -> ResolvedExperiment:
+    """Run every cross-field rule; raise :class:`SpecErrors` listing all violations; return the resolved experiment.
 
     ``backend`` overrides ``spec.backend`` (``dino-ctl render --backend``) for the backend-specific rules.
     """
@@ -179,8 +160,35 @@ def validate_experiment(experiment: DinoExperiment, *, backend: str | None = Non
         *_storage_errors(experiment, backend),
         *_child_name_errors(experiment),
     ]
+    resolved = None
     if not errors:  # trainer configs need a sound graph (init/teacher resolution follows it)
-        errors.extend(_stage_config_errors(experiment))
+        try:
+            resolved = resolve_experiment(experiment)
+        except SpecErrors as exc:
+            errors.extend(exc.errors)
+        else:
+            errors.extend(_world_size_errors(resolved))
     unique = list({str(error): error for error in errors}.values())  # a shared field fails once, not per stage
     if unique:
         raise SpecErrors(unique)
+    assert resolved is not None
+    return resolved
+
+
+def load_spec(path: str | Path) -> DinoExperiment:
+    """Read a spec file (YAML or JSON), check its shape and every cross-field rule; raise :class:`SpecErrors`.
+
+    A file holding several YAML documents must contain exactly one ``DinoExperiment``. The returned document carries
+    its resolution (:func:`~dino_ctl.stages.resolve_experiment` returns it without resolving again).
+    """
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    except yaml.YAMLError as exc:
+        raise SpecErrors([SpecError(str(path), "<unparsable YAML>", f"valid YAML ({exc})")]) from None
+    experiments = [doc for doc in documents if not isinstance(doc, dict) or doc.get("kind", KIND) == KIND]
+    if len(experiments) != 1:
+        raise SpecErrors([SpecError(str(path), f"{len(experiments)} documents", f"exactly one {KIND} document")])
+    experiment = parse_spec(experiments[0])
+    validate_experiment(experiment)
+    return experiment

@@ -114,14 +114,13 @@ def _load_from_training_checkpoint(
     source: str, stage_dir: str, network: Network, model: ModelConfig | None
 ) -> tuple[nn.Module, ModelConfig]:
     from trainer.checkpoint import load_model_weights
-    from trainer.runtime import read_stage_config
 
-    stage_config = read_stage_config(stage_dir)
+    stage_config = layout.read_stage_config(stage_dir)
     if network == "final":
         network = "student_ema" if stage_config.stage.kind == "distill" else "teacher"
     config = model or stage_config.model
     if stage_config.stage.kind == "distill" and network == "teacher":
-        config = stage_config.stage.teacher_model or read_stage_config(stage_config.stage.teacher_from).model
+        config = stage_config.stage.teacher_model or layout.read_stage_config(stage_config.stage.teacher_from).model
     backbone = build_backbone(config, drop_path_rate=0.0)
     load_model_weights(source, {f"{network}.backbone": backbone})
     return backbone.eval(), config

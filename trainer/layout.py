@@ -3,7 +3,9 @@
 ::
 
     <checkpoint.dir>/                    local path or fsspec URI (s3://, gs://, file://)
-        config.yaml                      the resolved TrainConfig of the stage (written by rank 0 at start)
+        config.yaml                      the resolved TrainConfig of the stage (:func:`write_stage_config`: by
+                                         ``dino-ctl run`` before launch and by rank 0 at start; the same text is
+                                         the stage ConfigMap's ``config.yaml``)
         ckpt-000001000/                  one torch.distributed.checkpoint (DCP) directory per saved iteration
             .metadata, __0_0.distcp ...  DCP files (sharded: one file per rank)
             extra-rank00000.json ...     per-rank non-tensor state (data-loader position, RNG) where needed
@@ -22,6 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import yaml
+
+from trainer.config import TrainConfig, config_from_dict, config_to_dict
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -34,6 +39,9 @@ __all__ = [
     "latest_complete",
     "published_or_latest",
     "join",
+    "read_stage_config",
+    "stage_config_text",
+    "write_stage_config",
 ]
 
 COMPLETE_MARKER = "COMPLETE.json"
@@ -43,6 +51,28 @@ PREEMPTED_EXIT_CODE = 143
 """Exit code of a trainer stopped by SIGTERM after publishing a checkpoint (128 + SIGTERM): the control plane
 resubmits such a stage without counting a failure. Defined here, torch-free, for trainer and control plane alike."""
 _NAME = re.compile(r"^ckpt-(\d{9})$")
+
+
+def stage_config_text(config: TrainConfig) -> str:
+    """The YAML text of a stage's resolved config: the one serialisation of :data:`CONFIG_FILE`, on disk and in the
+    stage's ConfigMap alike."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+def write_stage_config(directory: str, config: TrainConfig) -> str:
+    """Write ``config`` as ``<directory>/config.yaml`` (creating ``directory``); returns the file's location."""
+    fs, root = fsspec.core.url_to_fs(directory)
+    fs.makedirs(root, exist_ok=True)
+    path = join(directory, CONFIG_FILE)
+    with fsspec.open(path, "w") as handle:
+        handle.write(stage_config_text(config))
+    return path
+
+
+def read_stage_config(directory: str) -> TrainConfig:
+    """The resolved config a stage wrote next to its checkpoints (:func:`write_stage_config`)."""
+    with fsspec.open(join(directory, CONFIG_FILE), "r") as handle:
+        return config_from_dict(yaml.safe_load(handle))
 
 
 def checkpoint_name(iteration: int) -> str:

@@ -18,12 +18,11 @@ from typing import Any
 import fsspec
 import torch
 import torch.nn as nn
-import yaml
 
 from trainer import layout
 from trainer.artifacts import export_backbone
 from trainer.checkpoint import CheckpointManager, load_model_weights
-from trainer.config import ModelConfig, TrainConfig, config_from_dict, config_to_dict
+from trainer.config import ModelConfig, TrainConfig
 from trainer.data.loader import build_train_loader
 from trainer.distributed import local_rank
 from trainer.metrics import JsonlLogger, TrainMetrics, format_console
@@ -43,12 +42,6 @@ def _peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in _PEAK_FLOPS.items() if key in name), None)
-
-
-def read_stage_config(directory: str) -> TrainConfig:
-    """The resolved config a stage wrote next to its checkpoints."""
-    with fsspec.open(layout.join(directory, layout.CONFIG_FILE), "r") as handle:
-        return config_from_dict(yaml.safe_load(handle))
 
 
 class Runtime:
@@ -97,7 +90,7 @@ class Runtime:
             return None
         if stage.teacher_model is not None:
             return stage.teacher_model
-        return read_stage_config(stage.teacher_from).model
+        return layout.read_stage_config(stage.teacher_from).model
 
     def _parallelize(self) -> None:
         cfg, models = self.config.parallel, self.models
@@ -127,10 +120,8 @@ class Runtime:
 
     # ------------------------------------------------------------------------------------------- resume / init
     def write_resolved_config(self) -> None:
-        fs, root = fsspec.core.url_to_fs(self.config.checkpoint.dir)
-        fs.makedirs(root, exist_ok=True)
-        with fsspec.open(layout.join(self.config.checkpoint.dir, layout.CONFIG_FILE), "w") as handle:
-            yaml.safe_dump(config_to_dict(self.config), handle, sort_keys=False)
+        """``<checkpoint.dir>/config.yaml``: what this stage runs with, for resume, distillation and evaluation."""
+        layout.write_stage_config(self.config.checkpoint.dir, self.config)
 
     def resume_or_init(self) -> int:
         """Resume from the newest complete checkpoint, else initialise the stage. Returns the start iteration."""

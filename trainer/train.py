@@ -28,12 +28,6 @@ from trainer.runtime import Runtime
 logger = logging.getLogger("trainer.train")
 
 
-
-def load_config(path: str | None, overrides: list[str], *, recipe: str | None = None) -> TrainConfig:
-    """defaults <- recipe <- YAML file <- ``key=value`` overrides (unknown keys name their path)."""
-    return load_config_file(path, overrides, recipe=recipe)
-
-
 def _init_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = config.parallel.device == "cuda" or (config.parallel.device == "auto" and torch.cuda.is_available())
@@ -111,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        code = train(load_config(args.config, args.override, recipe=args.recipe))
+        code = train(load_config_file(args.config, args.override, recipe=args.recipe))
     except ConfigError as exc:
         logger.error("invalid config: %s", exc)
         return 2

@@ -24,6 +24,7 @@ __all__ = [
     "EXIT_USAGE",
     "OutputFormat",
     "OutputOption",
+    "check_backend_or_exit",
     "console",
     "emit",
     "fail",
@@ -112,16 +113,26 @@ def fail(error: DinoCtlError | str, output: OutputFormat, *, code: int = EXIT_FA
 
 
 def load_spec_or_exit(path: Path, output: OutputFormat, *, backend: str | None = None) -> Any:
-    """:func:`dino_ctl.spec.load_spec` with exit code 2 on any error (re-validated for ``backend`` when given)."""
-    from dino_ctl.spec import load_spec
-    from dino_ctl.validation import validate_experiment
+    """:func:`dino_ctl.validation.load_spec` with exit code 2 on any error (re-validated for ``backend`` when
+    given)."""
+    from dino_ctl.validation import load_spec
 
     if not path.is_file():
         fail_spec(SpecError("SPEC", str(path), "a path to an existing spec file"), output)
     try:
         experiment = load_spec(path)
-        if backend and backend != experiment.spec.backend:
-            validate_experiment(experiment, backend=backend)
     except (SpecErrors, SpecError) as exc:
         fail_spec(exc, output, source=str(path))
+    if backend and backend != experiment.spec.backend:
+        check_backend_or_exit(experiment, backend, output, source=str(path))
     return experiment
+
+
+def check_backend_or_exit(experiment: Any, backend: str, output: OutputFormat, *, source: str = "") -> None:
+    """Re-run the backend-specific rules on a loaded spec for ``backend`` (exit code 2 on any error)."""
+    from dino_ctl.validation import validate_experiment
+
+    try:
+        validate_experiment(experiment, backend=backend)
+    except (SpecErrors, SpecError) as exc:
+        fail_spec(exc, output, source=source)

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from trainer.layout import PREEMPTED_EXIT_CODE
+from trainer.layout import PREEMPTED_EXIT_CODE, write_stage_config
 
 from dino_ctl.cli.output import OutputFormat, OutputOption
 from dino_ctl.errors import SpecError, SpecErrors
@@ -27,12 +26,10 @@ console = Console(stderr=True)
 
 
 def _load(spec_path: str):
-    from dino_ctl.spec import load_spec
-    from dino_ctl.validation import validate_experiment
+    """The spec file, validated for this machine, and its resolution (every stage's config)."""
+    from dino_ctl.validation import load_spec, validate_experiment
 
-    experiment = load_spec(spec_path)
-    validate_experiment(experiment, backend="local")
-    return experiment
+    return validate_experiment(load_spec(spec_path), backend="local")
 
 
 def _prepare_missing(prepare: Any, location: str) -> None:
@@ -67,19 +64,15 @@ def _progress_callback(progress: Progress, task: Any, stage: str):
 
 
 def _train_stage(config, stage: str, *, nproc: int, launcher: str, quiet: bool) -> LocalStageResult:
-    from trainer.config import config_to_dict
-
-    directory = Path(config.checkpoint.dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    launch_config = directory / "launch-config.yaml"
-    launch_config.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    log_path = Path(config.metrics.log_file or directory / "train_log.jsonl")
+    # The stage's config.yaml beside its checkpoints: the file the trainer reads here and rewrites at start.
+    config_path = write_stage_config(config.checkpoint.dir, config)
+    log_path = Path(config.metrics.log_file or Path(config.checkpoint.dir) / "train_log.jsonl")
     columns = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
                TimeRemainingColumn()]
     with Progress(*columns, console=console, disable=quiet, transient=False) as progress:
         task = progress.add_task(stage, total=config.optim.iterations)
         return run_stage(
-            str(launch_config), log_path, nproc=nproc, launcher=launcher,
+            config_path, log_path, nproc=nproc, launcher=launcher,
             on_record=_progress_callback(progress, task, stage),
         )
 
@@ -141,17 +134,14 @@ def run(
         raise typer.BadParameter(
             f"invalid value {launcher!r}; allowed: auto, python, torchrun, torchx", param_hint="--launcher"
         )
-    from dino_ctl.stages import stage_train_config
-    from dino_ctl.validation import stage_order
-
     try:
-        experiment = _load(spec)
-        order = stage_order(experiment)
+        resolved = _load(spec)
+        experiment, order = resolved.experiment, resolved.order
         selected = [name for name in order if not stage or name in stage]
         unknown = sorted(set(stage or ()) - set(order))
         if unknown:
             raise SpecError("--stage", unknown[0], "a stage of the spec: " + ", ".join(order))
-        configs = {name: stage_train_config(experiment, name) for name in selected}
+        configs = {name: resolved.config(name) for name in selected}
     except (SpecError, SpecErrors) as exc:
         console.print(f"[red]invalid spec:[/red] {exc}")
         raise typer.Exit(2) from exc

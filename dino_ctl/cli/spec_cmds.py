@@ -13,6 +13,7 @@ import yaml
 from dino_ctl.cli.output import (
     OutputFormat,
     OutputOption,
+    check_backend_or_exit,
     console,
     emit,
     fail_spec,
@@ -41,19 +42,15 @@ class SchemaKind(StrEnum):
 
 
 def _stage_rows(experiment: Any) -> list[list[Any]]:
-    from dino_ctl.stages import stage_train_config
-    from dino_ctl.validation import stage_order, world_sizes
+    from dino_ctl.stages import resolve_experiment
 
-    spec = experiment.spec
     rows = []
-    for name in stage_order(experiment):
-        stage = spec.stage(name)
-        config = stage_train_config(experiment, name)
-        nodes = spec.stage_nodes(name)
-        sizes = world_sizes(nodes, spec.resources.num_procs_per_node)
-        rows.append([name, stage.recipe, ", ".join(stage.dependencies()) or "-", f"{nodes.min}..{nodes.max}",
+    for resolved in resolve_experiment(experiment):
+        stage, config, nodes, sizes = (experiment.spec.stage(resolved.name), resolved.config, resolved.nodes,
+                                       resolved.world_sizes)
+        rows.append([stage.name, stage.recipe, ", ".join(stage.dependencies()) or "-", f"{nodes.min}..{nodes.max}",
                      f"{sizes[0]}..{sizes[-1]}", config.optim.global_batch_size, config.optim.iterations,
-                     config.checkpoint.dir])
+                     resolved.checkpoint_dir])
     return rows
 
 
@@ -89,7 +86,7 @@ def render(
     if chosen is None and experiment.spec.backend == "local":
         # A local spec renders as the default cluster backend: check it as one (e.g. no file:// checkpoints).
         chosen = "pytorchjob"
-        experiment = load_spec_or_exit(spec_path, output, backend=chosen)
+        check_backend_or_exit(experiment, chosen, output, source=str(spec_path))
     if stage is not None and stage not in [s.name for s in experiment.spec.stages]:
         allowed = "one of " + ", ".join(s.name for s in experiment.spec.stages)
         fail_spec(SpecError("--stage", stage, allowed), output, source=str(spec_path))

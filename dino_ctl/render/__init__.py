@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from trainer import layout
+
 from dino_ctl.observe import RestartCounts
 from dino_ctl.render.common import render_stage_config_map
 from dino_ctl.render.pytorchjob import render_pytorchjob
 from dino_ctl.render.trainjob import render_cluster_training_runtime, render_trainjob
 from dino_ctl.spec import DinoExperiment
-from dino_ctl.stages import stage_checkpoint_dir, stage_train_config
-from dino_ctl.validation import stage_order
+from dino_ctl.stages import resolve_experiment
 
 __all__ = ["RENDER_BACKENDS", "render", "render_job", "render_stage"]
 
@@ -35,7 +36,8 @@ def render_job(
     experiment: DinoExperiment, stage: str, *, backend: str | None = None, attempt: int = 0
 ) -> dict[str, Any]:
     """The job object of one stage for ``backend`` (default: the spec's)."""
-    config = stage_train_config(experiment, stage)
+    resolved = resolve_experiment(experiment).stage(stage)
+    config = resolved.config
     chosen = _effective_backend(experiment, backend)
     if chosen == "pytorchjob":
         return render_pytorchjob(experiment, stage, config, attempt=attempt)
@@ -45,7 +47,8 @@ def render_job(
         from dino_ctl.render.torchx import render_torchx_local, render_volcano_job
 
         if experiment.spec.torchx.scheduler == "local_cwd":
-            path = f"{stage_checkpoint_dir(experiment, stage)}/stage-config.yaml"
+            # local_cwd runs on this machine: the trainer reads the file ``dino-ctl run`` writes beside the checkpoints
+            path = layout.join(resolved.checkpoint_dir, layout.CONFIG_FILE)
             return render_torchx_local(experiment, stage, config, config_path=path)
         return render_volcano_job(experiment, stage, config, attempt=attempt)
     raise ValueError(f"backend {chosen!r}: allowed: {', '.join(RENDER_BACKENDS)}")  # the CLI checks the choice first
@@ -61,7 +64,7 @@ def render_stage(
     counted_job_uid: str | None = None,
 ) -> list[dict[str, Any]]:
     """``[ConfigMap, job]`` of one stage: what a submission of the stage applies, in that order."""
-    config = stage_train_config(experiment, stage)
+    config = resolve_experiment(experiment).config(stage)
     config_map = render_stage_config_map(experiment, stage, config, restarts=restarts, counted_job_uid=counted_job_uid)
     return [config_map, render_job(experiment, stage, backend=backend, attempt=attempt)]
 
@@ -72,7 +75,7 @@ def render(experiment: DinoExperiment, *, backend: str | None = None, stage: str
     objects: list[dict[str, Any]] = []
     if chosen == "trainjob":
         objects.append(render_cluster_training_runtime(experiment))
-    stages = [stage] if stage else stage_order(experiment)
+    stages = [stage] if stage else resolve_experiment(experiment).order
     for name in stages:
         objects.extend(render_stage(experiment, name, backend=chosen))
     monitoring = experiment.spec.monitoring

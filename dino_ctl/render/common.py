@@ -11,7 +11,8 @@ import math
 from typing import Any
 
 import yaml
-from trainer.config import TrainConfig, config_to_dict
+from trainer import layout
+from trainer.config import TrainConfig
 
 from dino_ctl.naming import (
     ANNOTATION_RESTARTS,
@@ -47,7 +48,7 @@ __all__ = [
 ]
 
 CONFIG_DIR = "/etc/dino-ctl"
-CONFIG_FILE = "config.yaml"
+CONFIG_FILE = layout.CONFIG_FILE
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
 CREDENTIALS_DIR = "/var/run/secrets/dino-ctl/storage"
 # trainer.launch runs torchrun (configured by the operators' PET_* variables) around trainer.train and keeps exit
@@ -184,7 +185,7 @@ def render_stage_config_map(
 ) -> dict[str, Any]:
     """The stage's ConfigMap: ``config.yaml`` = the resolved trainer config; restart counts as annotations."""
     labels = {**stage_labels(experiment.name, stage, extra=experiment.metadata.labels), LABEL_COMPONENT: "stage-config"}
-    text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    text = layout.stage_config_text(config)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",

@@ -50,7 +50,7 @@ def test_apply_get_list_delete_config_map(client: KubeClient, namespace: str) ->
 def test_rendered_objects_pass_server_side_dry_run(client: KubeClient, namespace: str) -> None:
     """Every rendered object whose kind the cluster serves is admitted by a server-side dry run."""
     from dino_ctl.errors import KubeError
-    from dino_ctl.spec import load_spec
+    from dino_ctl.validation import load_spec
 
     experiment = load_spec(GOLDEN / "spec-elastic.yaml")
     served = 0

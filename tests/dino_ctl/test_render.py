@@ -15,9 +15,9 @@ from dino_ctl.cli.output import yaml_stream
 from dino_ctl.errors import SpecErrors
 from dino_ctl.render import render, render_job
 from dino_ctl.render.trainjob import render_cluster_training_runtime
-from dino_ctl.spec import load_spec, parse_spec
+from dino_ctl.spec import parse_spec
 from dino_ctl.stages import stage_train_config
-from dino_ctl.validation import validate_experiment
+from dino_ctl.validation import load_spec, validate_experiment
 from tests.dino_ctl.spec_helpers import GOLDEN, UPDATE_GOLDEN, document, example_specs, experiment, object_validator
 
 ELASTIC = GOLDEN / "spec-elastic.yaml"

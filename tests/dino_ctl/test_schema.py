@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 
 from dino_ctl.schema import crd_manifest, json_schema, structural
-from dino_ctl.spec import load_spec
+from dino_ctl.validation import load_spec
 from tests.dino_ctl.spec_helpers import document, example_specs, object_validator
 
 

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from dino_ctl.errors import SpecErrors
-from dino_ctl.spec import DinoExperiment, load_spec, parse_spec
+from dino_ctl.spec import DinoExperiment, parse_spec
+from dino_ctl.validation import load_spec
 from tests.dino_ctl.spec_helpers import EXAMPLES, document, example_specs
 
 

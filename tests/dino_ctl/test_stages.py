@@ -52,7 +52,7 @@ def test_teacher_links_checkpoint_and_teacher_model() -> None:
 
 
 def test_highres_example_keeps_the_vitl14_architecture_at_518() -> None:
-    from dino_ctl.spec import load_spec
+    from dino_ctl.validation import load_spec
 
     exp = load_spec(EXAMPLES / "vitl14-pretrain-highres-distill.yaml")
     highres = stage_train_config(exp, "highres")
@@ -100,3 +100,56 @@ def test_child_names_are_valid_labels_and_truncated_with_a_hash() -> None:
 def test_truncation_never_leaves_a_dash_before_the_hash() -> None:
     name = truncate_name("a" * 44 + "-" * 3 + "b" * 20)
     assert "--" not in name and DNS_LABEL.match(name) and len(name) <= MAX_CHILD_NAME
+
+
+THREE_STAGES = EXAMPLES / "vitl14-pretrain-highres-distill.yaml"
+
+
+def _count_resolutions(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the recipe of every ``resolve_config`` call the control plane makes."""
+    import dino_ctl.stages
+
+    calls: list[str] = []
+    real = dino_ctl.stages.resolve_config
+
+    def counting(recipe: str, **kwargs: object) -> object:
+        calls.append(recipe)
+        return real(recipe, **kwargs)
+
+    monkeypatch.setattr(dino_ctl.stages, "resolve_config", counting)
+    return calls
+
+
+def test_loading_validating_and_rendering_resolves_each_stage_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dino_ctl.render import render
+    from dino_ctl.stages import resolve_experiment
+    from dino_ctl.validation import load_spec, validate_experiment
+
+    calls = _count_resolutions(monkeypatch)
+    exp = load_spec(THREE_STAGES)
+    resolved = validate_experiment(exp)
+    validate_experiment(exp, backend="torchx")
+    objects = render(exp)
+    assert calls == ["long_vitl14", "highres518", "distill_vits14"]
+    assert resolve_experiment(exp) is resolved and resolved.order == ["pretrain", "highres", "distill-vits14"]
+    assert [obj["kind"] for obj in objects].count("ConfigMap") == 3
+
+
+def test_the_render_command_resolves_each_stage_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from dino_ctl.cli.main import app
+
+    calls = _count_resolutions(monkeypatch)
+    result = CliRunner().invoke(app, ["render", str(THREE_STAGES)])
+    assert result.exit_code == 0, result.output
+    assert calls == ["long_vitl14", "highres518", "distill_vits14"]
+
+
+def test_a_copied_document_is_resolved_again() -> None:
+    from dino_ctl.stages import resolve_experiment
+
+    exp = experiment(seed=7)
+    copy = exp.model_copy(update={"spec": exp.spec.model_copy(update={"seed": 8})})
+    assert resolve_experiment(exp).config("pretrain").seed == 7
+    assert resolve_experiment(copy).config("pretrain").seed == 8
