@@ -29,6 +29,7 @@ __all__ = [
     "kube_error",
     "list_items",
     "object_path",
+    "parse_warnings",
     "resource_for",
     "split_lines",
 ]
@@ -113,13 +114,30 @@ def kube_error(verb: str, target: str, status: int, body: str | bytes | None) ->
     """
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else (body or "")
     try:
-        reason = json.loads(text).get("message") or text
+        parsed = json.loads(text)
+        reason, names_object = parsed.get("message") or text, bool((parsed.get("details") or {}).get("name"))
     except (ValueError, AttributeError):
-        reason = text
+        reason, names_object = text, False
     reason = reason.strip() or "no reason given"
     if verb == "apply" and status == 409:
         reason = f"{reason}; {CONFLICT_HINT}"
+    elif status == 404 and not names_object:
+        # A missing object is a Status naming it; a kind the server does not serve is a bare "404 page not found".
+        reason = f"{reason}; the API server does not serve this kind: is its CustomResourceDefinition installed?"
     return KubeError(verb, target, status, reason)
+
+
+def parse_warnings(headers: Iterable[str]) -> list[str]:
+    """The texts of RFC 7234 ``Warning`` headers as the API server sends them (``299 - "text"``)."""
+    texts = []
+    for header in headers:
+        code, _, rest = header.strip().partition(" ")
+        _agent, _, text = rest.partition(" ")
+        text = text.strip()
+        if code == "299" and len(text) >= 2 and text[0] == text[-1] == '"':
+            text = text[1:-1].replace('\\"', '"')
+        texts.append(text or header.strip())
+    return texts
 
 
 def split_lines(chunks: Iterable[bytes]) -> Iterator[str]:
@@ -161,6 +179,8 @@ class KubeClient:
         """Default namespace (the kubeconfig context's)."""
         self.force_conflicts = force_conflicts
         """Default of :meth:`apply`'s ``force``: take fields other managers own (the CLI's ``--force-conflicts``)."""
+        self.warnings: list[str] = []
+        """Every ``Warning`` the API server sent (unknown or duplicate fields, deprecations), oldest first."""
 
     @classmethod
     def from_kubeconfig(cls, *, context: str | None = None, force_conflicts: bool = False) -> KubeClient:
@@ -197,6 +217,9 @@ class KubeClient:
             raise kube_error(verb, target, exc.status or 0, exc.body) from exc
         except HTTPError as exc:
             raise KubeError(verb, target, 0, f"cannot reach the API server ({exc})") from exc
+        for warning in parse_warnings(response.headers.getlist("Warning") if response.headers else []):
+            logger.warning("%s %s: the API server warns: %s", verb, target, warning)
+            self.warnings.append(f"{verb} {target}: {warning}")
         return response
 
     def _json(self, verb: str, target: str, method: str, path: str, **kwargs: Any) -> dict[str, Any]:

@@ -188,6 +188,12 @@ def logs(
                         key=lambda p: p["metadata"]["name"])
         for pod in chosen if all_pods else chosen[:1]:
             pod_name = pod["metadata"]["name"]
+            waiting = _not_started(pod)
+            if waiting:  # the API server answers 204 (nothing) for such a pod: say why instead
+                if not all_pods:
+                    fail(f"pod {pod_name} {waiting}: it has no log yet", output)
+                typer.echo(f"[{pod_name}] ({waiting}: no log yet)", err=True)
+                continue
             container = pod["spec"]["containers"][0]["name"]
             for line in client.pod_logs(pod_name, namespace=experiment.namespace, container=container,
                                         tail_lines=tail, follow=follow):
@@ -196,6 +202,18 @@ def logs(
         fail_spec(exc, output)
     except DinoCtlError as exc:
         fail(exc, output)
+
+
+def _not_started(pod: dict[str, Any]) -> str | None:
+    """Why a pod has no log yet (not scheduled, or Pending), or None when its containers have started."""
+    status = pod.get("status") or {}
+    if not (pod.get("spec") or {}).get("nodeName"):
+        return "is not scheduled to a node yet"
+    if status.get("phase") == "Pending" and not any("running" in (c.get("state") or {}) or
+                                                    "terminated" in (c.get("state") or {})
+                                                    for c in status.get("containerStatuses") or []):
+        return "is Pending (its containers have not started)"
+    return None
 
 
 def cancel(name: NameArgument, namespace: NamespaceOption = None, force_conflicts: ForceConflictsOption = False,

@@ -152,11 +152,11 @@ class KubeStack:
         self.startup_seconds = time.monotonic() - started
 
     def stop(self) -> None:
-        """Stop every process this stack started (by PID; SIGTERM, then SIGKILL after 10 s), in reverse order."""
+        """Stop every process this stack started (by PID; SIGTERM, then SIGKILL after 3 s), in reverse order."""
         for proc in reversed(self.processes):
             if proc.popen.poll() is None:
                 proc.popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 3  # a test stack keeps nothing worth a graceful shutdown
         for proc in reversed(self.processes):
             try:
                 proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from dino_ctl.cli.main import app
 from dino_ctl.kube import KubeClient
+from dino_ctl.naming import ANNOTATION_CANCEL
 from tests.cluster.conftest import wait_for
 from tests.dino_ctl.spec_helpers import document
 
@@ -75,12 +76,14 @@ def test_submit_twice_changes_nothing_and_status_reads_the_cluster(
     assert _versions(kube) == before  # the same spec again writes nothing
 
     _set_job_condition(admin_api, namespace, "Running")
+    before = _versions(kube)
     result = _invoke("status", "demo")
     assert result.exit_code == 0, result.output
-    assert f"demo ({namespace}): Running" in result.stdout and "the job is running" in result.stdout
+    assert f"demo ({namespace}): Running" in result.stdout
     report = json.loads(_invoke("status", "demo", "-o", "json").stdout)
     assert [(s["stage"], s["phase"]) for s in report["stages"]] == [
         ("pretrain", "Running"), ("highres", "Absent"), ("distill", "Absent")]
+    assert report["stages"][0]["message"] == "the job is running"  # the operator's condition message
     assert _versions(kube) == before  # status is read-only
 
     result = _invoke("status", "nope")
@@ -119,7 +122,7 @@ def test_cancel_deletes_the_job_and_resume_starts_it_again(
     wait_for(lambda: kube.get("kubeflow.org/v1", "PyTorchJob", "demo-pretrain") is None,
              what="the cancelled job to be deleted (foreground, through the garbage collector)")
     record = kube.get("v1", "ConfigMap", "demo-experiment")
-    assert record["metadata"]["annotations"]["dino-ctl.io/cancel"] == "true"
+    assert record["metadata"]["annotations"][ANNOTATION_CANCEL] == "true"
     assert json.loads(_invoke("status", "demo", "-o", "json").stdout)["phase"] == "Cancelled"
 
     result = _invoke("resume", "demo", "-o", "json")
@@ -127,10 +130,10 @@ def test_cancel_deletes_the_job_and_resume_starts_it_again(
     assert [a["kind"] for a in json.loads(result.stdout)["actions"]] == ["submit"]
     job = kube.get("kubeflow.org/v1", "PyTorchJob", "demo-pretrain")
     assert job is not None and job["metadata"]["uid"] != first_uid
-    assert kube.get("v1", "ConfigMap", "demo-experiment")["metadata"]["annotations"]["dino-ctl.io/cancel"] == "false"
+    assert kube.get("v1", "ConfigMap", "demo-experiment")["metadata"]["annotations"][ANNOTATION_CANCEL] == "false"
 
 
-def test_logs_without_pods_and_of_a_pod_no_node_runs(cli_env: None, spec_file: Path, kube: KubeClient) -> None:
+def test_logs_without_pods_and_of_a_pod_not_scheduled_yet(cli_env: None, spec_file: Path, kube: KubeClient) -> None:
     assert _invoke("submit", str(spec_file)).exit_code == 0
     result = _invoke("logs", "demo")
     assert result.exit_code == 1 and "no pods of experiment demo" in result.stderr
@@ -142,4 +145,4 @@ def test_logs_without_pods_and_of_a_pod_no_node_runs(cli_env: None, spec_file: P
                          "nodeSelector": {"no-such-node": "true"}}})
     result = _invoke("logs", "demo")
     assert result.exit_code == 1
-    assert "logs Pod/demo-pretrain-worker-0" in result.stderr and "HTTP 400" in result.stderr
+    assert "pod demo-pretrain-worker-0 is not scheduled to a node yet: it has no log yet" in result.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dino_ctl.kube import kube_error, list_items, object_path, resource_for
+from dino_ctl.kube import kube_error, list_items, object_path, parse_warnings, resource_for
 
 
 @pytest.mark.parametrize(("api_version", "kind", "namespace", "name", "path"), [
@@ -52,3 +52,9 @@ def test_an_apply_conflict_says_what_to_do() -> None:
                           'overwrite them silently. Change them back, or re-run with --force-conflicts to take '
                           'ownership)')
     assert not error.permanent
+
+
+def test_api_server_warnings_are_parsed() -> None:
+    assert parse_warnings(['299 - "unknown field \\"spec.foo\\""', '299 - "v1 Endpoints is deprecated"']) == [
+        'unknown field "spec.foo"', "v1 Endpoints is deprecated"]
+    assert parse_warnings(["something else"]) == ["something else"]
