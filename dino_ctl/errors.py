@@ -1,7 +1,7 @@
 """The control plane's error taxonomy.
 
-- :class:`SpecError`: a user mistake in an experiment spec (exit code 2). Names the field path, the bad value and
-  what is allowed, in the same shape as ``trainer.config.ConfigError`` so users read one style of message.
+- :class:`SpecError`: a user mistake in an experiment spec (exit code 2). A ``trainer.config.ConfigError`` (field
+  path, bad value, what is allowed), so users read one style of message and callers catch one type.
 - :class:`SpecErrors`: several :class:`SpecError` found in one pass (the CLI prints all of them).
 - :class:`KubeError`: the Kubernetes API refused or failed a call; ``permanent`` separates mistakes that retrying
   cannot fix (403, 404, 422) from transient ones (timeouts, 409 conflicts, 5xx), as kopf does.
@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from trainer.config import ConfigError
+
 __all__ = ["DinoCtlError", "KubeError", "SpecError", "SpecErrors"]
 
 
@@ -19,12 +21,12 @@ class DinoCtlError(Exception):
     """Base class of every error the control plane raises on purpose."""
 
 
-class SpecError(DinoCtlError, ValueError):
-    """One invalid field of an experiment spec: ``path``, the bad ``value`` and what is ``allowed``."""
+class SpecError(DinoCtlError, ConfigError):
+    """One invalid field of an experiment spec: ``path``, the bad ``value`` and what is ``allowed`` (``context``:
+    under which circumstance, e.g. ``with world size 16``)."""
 
-    def __init__(self, path: str, value: Any, allowed: str) -> None:
-        self.path, self.value, self.allowed = path, value, allowed
-        super().__init__(f"{path}: invalid value {value!r}; allowed: {allowed}")
+    def __init__(self, path: str, value: Any, allowed: str, *, context: str = "") -> None:
+        ConfigError.__init__(self, path, value, allowed, context=context)
 
 
 class SpecErrors(DinoCtlError, ValueError):

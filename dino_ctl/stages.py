@@ -88,7 +88,7 @@ def stage_config_error(experiment: DinoExperiment, stage: str, error: ConfigErro
     spec_stage = experiment.spec.stage(stage)
     prefix = f"spec.stages[{experiment.spec.stage_index(stage)}]"
     if _set_by_overrides(error.path, spec_stage.overrides):
-        return SpecError(f"{prefix}.overrides.{error.path}", error.value, error.allowed)
+        return SpecError(f"{prefix}.overrides.{error.path}", error.value, error.allowed, context=error.context)
     if error.path == "recipe":
         return SpecError(f"{prefix}.recipe", error.value, error.allowed)
     if error.path in ("stage.init_from", "stage.teacher_from"):
@@ -98,8 +98,8 @@ def stage_config_error(experiment: DinoExperiment, stage: str, error: ConfigErro
                          "stage's published checkpoint")
     if error.path.startswith("data.streams"):
         return SpecError("spec.data.streams" + error.path[len("data.streams"):].replace("[]", "[*]"), error.value,
-                         error.allowed)
-    return SpecError(f"{prefix}.overrides.{error.path}", error.value, error.allowed)
+                         error.allowed, context=error.context)
+    return SpecError(f"{prefix}.overrides.{error.path}", error.value, error.allowed, context=error.context)
 
 
 def _spec_values(experiment: DinoExperiment, stage_name: str, resolve: Any) -> dict[str, Any]:

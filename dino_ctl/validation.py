@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
-from trainer.config import ConfigError, validate_config
+from trainer.config import ConfigError, validate_world_size
 
 from dino_ctl.errors import SpecError, SpecErrors
 from dino_ctl.naming import child_name
@@ -129,17 +129,18 @@ def _child_name_errors(experiment: DinoExperiment) -> Iterator[SpecError]:
 
 
 def _world_size_errors(resolved: ResolvedExperiment) -> Iterator[SpecError]:
-    """The rules that depend on the world size, for every size each stage may run at (first failure per stage)."""
+    """The rules that depend on the world size (``trainer.config.validate_world_size``: FSDP, batch share,
+    micro-batches, KoLeo's minimum), for every size each stage may run at; the first failure per stage."""
     experiment = resolved.experiment
     for stage in resolved:
         nodes, procs = stage.nodes, stage.procs_per_node
         for size in stage.world_sizes:
             try:
-                validate_config(stage.config, world_size=size)
+                validate_world_size(stage.config, size)
             except ConfigError as exc:
                 error = stage_config_error(experiment, stage.name, exc)
                 where = f"nodes {nodes.min}..{nodes.max} x {procs} processes; {size // procs} nodes give world size {size}"
-                yield SpecError(error.path, error.value, f"{error.allowed} [{where}]")
+                yield SpecError(error.path, error.value, f"{error.allowed} [{where}]", context=error.context)
                 break
         if nodes.min != nodes.max and experiment.spec.data.num_canonical_nodes is None and stage.config.data.streams:
             logger.warning(

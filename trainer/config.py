@@ -46,17 +46,27 @@ __all__ = [
     "model_config_from_dict",
     "parse_override",
     "resolve_config",
+    "micro_batches",
+    "per_rank_batch",
     "validate_config",
+    "validate_fsdp",
+    "validate_world_size",
     "with_overrides",
 ]
 
 
 class ConfigError(ValueError):
-    """A user mistake in a configuration: names the dotted field path, the bad value and what is allowed."""
+    """A user mistake in a configuration: names the dotted field path, the bad value and what is allowed.
 
-    def __init__(self, path: str, value: Any, allowed: str) -> None:
-        self.path, self.value, self.allowed = path, value, allowed
-        super().__init__(f"{path}: invalid value {value!r}; allowed: {allowed}")
+    ``context`` says under which circumstance the value is invalid (``with world size 16``) where that is not the
+    value alone. Every configuration error of the project has this shape: the control plane's ``SpecError`` is a
+    subclass and the curation spec raises this class.
+    """
+
+    def __init__(self, path: str, value: Any, allowed: str, *, context: str = "") -> None:
+        self.path, self.value, self.allowed, self.context = path, value, allowed, context
+        where = f" {context}" if context else ""
+        super().__init__(f"{path}: invalid value {value!r}{where}; allowed: {allowed}")
 
 
 # name -> (embed_dim, depth, num_heads, ffn). vit_giant2's SwiGLU hidden is round_up(int(4*D*2/3), 8) = 4096.
@@ -675,21 +685,8 @@ def validate_config(config: TrainConfig, *, world_size: int | None = None) -> No
         raise ConfigError("optim.warmup_iterations", optim.warmup_iterations, f"0..optim.iterations ({optim.iterations})")
     if optim.global_batch_size <= 0:
         raise ConfigError("optim.global_batch_size", optim.global_batch_size, "a positive integer")
-    if world_size is not None:
-        if optim.global_batch_size % world_size:
-            raise ConfigError(
-                "optim.global_batch_size",
-                optim.global_batch_size,
-                f"a multiple of the world size ({world_size}) so every rank gets the same batch",
-            )
-        per_rank = optim.global_batch_size // world_size
-        if config.loss.koleo_loss_weight > 0 and per_rank < 2:
-            raise ConfigError(
-                "optim.global_batch_size",
-                optim.global_batch_size,
-                f"at least 2 samples per rank with KoLeo enabled (world size {world_size} gives {per_rank}); "
-                "KoLeo needs a nearest neighbour, or set loss.koleo_loss_weight=0",
-            )
+    if optim.max_micro_batch_size is not None and optim.max_micro_batch_size < 1:
+        raise ConfigError("optim.max_micro_batch_size", optim.max_micro_batch_size, "null (no cap) or an integer >= 1")
     if config.data.dataset == "mds" and not config.data.streams:
         raise ConfigError("data.streams", [], "at least one stream with a remote or local MDS location")
     proportions = [s.proportion for s in config.data.streams]
@@ -705,3 +702,71 @@ def validate_config(config: TrainConfig, *, world_size: int | None = None) -> No
         raise ConfigError("loss.sinkhorn_iterations", config.loss.sinkhorn_iterations, ">= 1")
     if not math.isfinite(optim.base_lr) or optim.base_lr < 0:
         raise ConfigError("optim.base_lr", optim.base_lr, "a finite non-negative number")
+    if world_size is not None:
+        validate_world_size(config, world_size)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Rules that depend on the world size: ``dino-ctl validate`` runs them for every size a stage may run at, the trainer
+# for the size it got, and the runtime takes its batch split from the same functions.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def validate_fsdp(parallel: ParallelConfig, *, world_size: int) -> None:
+    """``parallel.fsdp: off`` runs on one rank only: without FSDP2 nothing synchronises the gradients."""
+    if parallel.fsdp == "off" and world_size > 1:
+        raise ConfigError(
+            "parallel.fsdp", "off", "'auto' or 'on' (gradients are synchronised by FSDP2)",
+            context=f"with world size {world_size}",
+        )
+
+
+def per_rank_batch(config: TrainConfig, world_size: int) -> int:
+    """Images per rank and step: ``optim.global_batch_size`` split evenly over ``world_size`` ranks."""
+    global_batch = config.optim.global_batch_size
+    if global_batch % world_size:
+        raise ConfigError(
+            "optim.global_batch_size",
+            global_batch,
+            f"a multiple of the world size ({world_size}) so every rank gets the same batch",
+        )
+    return global_batch // world_size
+
+
+def micro_batches(config: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(number, size) of the equal micro-batches a rank's batch is split into (gradient accumulation): as few as
+    ``optim.max_micro_batch_size`` allows."""
+    per_rank = per_rank_batch(config, world_size)
+    cap = config.optim.max_micro_batch_size or per_rank
+    count = -(-per_rank // cap)
+    if per_rank % count:
+        fits = max(d for d in range(1, cap + 1) if per_rank % d == 0)
+        raise ConfigError(
+            "optim.max_micro_batch_size",
+            cap,
+            f"a cap that splits the per-rank batch into equal micro-batches, such as {fits} (a divisor of {per_rank})",
+            context=f"with world size {world_size} ({per_rank} per rank gives {count} unequal micro-batches)",
+        )
+    return count, per_rank // count
+
+
+def validate_world_size(config: TrainConfig, world_size: int) -> None:
+    """Every rule that depends on the world size: FSDP on several ranks, an even batch share per rank, micro-batches
+    that split it evenly, and at least two samples per micro-batch for KoLeo (its nearest neighbour)."""
+    validate_fsdp(config.parallel, world_size=world_size)
+    per_rank = per_rank_batch(config, world_size)
+    count, size = micro_batches(config, world_size)
+    if config.loss.koleo_loss_weight > 0 and size < 2:
+        if count == 1:
+            raise ConfigError(
+                "optim.global_batch_size",
+                config.optim.global_batch_size,
+                f"at least 2 samples per rank with KoLeo enabled (world size {world_size} gives {per_rank}); "
+                "KoLeo needs a nearest neighbour, or set loss.koleo_loss_weight=0",
+            )
+        raise ConfigError(
+            "optim.max_micro_batch_size",
+            config.optim.max_micro_batch_size,
+            f"at least 2 with KoLeo enabled: KoLeo runs on each micro-batch and needs a nearest neighbour (world size "
+            f"{world_size} gives {per_rank} per rank); or set loss.koleo_loss_weight=0",
+        )

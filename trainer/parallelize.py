@@ -30,7 +30,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.utils.checkpoint import checkpoint
 
-from trainer.config import ParallelConfig
+from trainer.config import ParallelConfig, validate_fsdp
 
 __all__ = [
     "apply_activation_checkpointing",
@@ -50,12 +50,12 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 
 def uses_fsdp(config: ParallelConfig, *, world_size: int) -> bool:
-    """Whether :func:`parallelize` shards with FSDP2 (``auto``: when there is more than one rank)."""
-    if config.fsdp == "off" and world_size > 1:
-        raise ValueError(
-            f"parallel.fsdp: invalid value 'off' with world size {world_size}; allowed: 'auto' or 'on' "
-            "(gradients are synchronised by FSDP2)"
-        )
+    """Whether :func:`parallelize` shards with FSDP2 (``auto``: when there is more than one rank).
+
+    Raises ``ConfigError`` for ``off`` on several ranks (:func:`trainer.config.validate_fsdp`, the rule
+    ``dino-ctl validate`` checks for every world size a stage may run at).
+    """
+    validate_fsdp(config, world_size=world_size)
     return config.fsdp == "on" or (config.fsdp == "auto" and world_size > 1)
 
 

@@ -22,7 +22,7 @@ import torch.nn as nn
 from trainer import layout
 from trainer.artifacts import export_backbone
 from trainer.checkpoint import CheckpointManager, load_model_weights
-from trainer.config import ModelConfig, TrainConfig
+from trainer.config import ModelConfig, TrainConfig, micro_batches
 from trainer.data.loader import build_train_loader
 from trainer.distributed import local_rank
 from trainer.metrics import JsonlLogger, TrainMetrics, format_console
@@ -55,9 +55,7 @@ class Runtime:
         teacher_model = self._teacher_model_config()
         self.models = build_models(config, teacher_model=teacher_model)
         self._parallelize()
-        per_rank = config.optim.global_batch_size // world_size
-        micro = config.optim.max_micro_batch_size or per_rank
-        num_micro = -(-per_rank // micro)
+        num_micro, _ = micro_batches(config, world_size)
         self.train_step = TrainStep(
             self.models, config, num_micro_batches=num_micro,
             autocast_dtype=autocast_dtype(config.parallel, world_size=world_size, device=device),

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from trainer.config import ConfigError, TrainConfig
+from trainer.config import TrainConfig, per_rank_batch
 from trainer.data.collate import MultiCropCollate, finish_deferred_colour
 from trainer.data.synthetic import SyntheticDataset, synthetic_image_size
 from trainer.data.workers import worker_init
@@ -186,15 +186,6 @@ class TrainLoader:
             self.epoch, self.sample_in_epoch = self.epoch + 1, 0
 
 
-def _per_rank_batch(config: TrainConfig, world_size: int) -> int:
-    global_batch = config.optim.global_batch_size
-    if global_batch % world_size:
-        raise ConfigError(
-            "optim.global_batch_size", global_batch, f"a multiple of the world size ({world_size})"
-        )
-    return global_batch // world_size
-
-
 def _deferred_device(config: TrainConfig, device: torch.device | str | None) -> torch.device | None:
     if not config.data.crops.gpu_augment:
         return None
@@ -224,7 +215,7 @@ def build_train_loader(
         device: where ``gpu_augment`` runs the colour ops (default: the current CUDA device, else the CPU).
         clean_stale_shm: remove streaming shared memory left by crashed runs (once per process).
     """
-    batch_size = _per_rank_batch(config, world_size)
+    batch_size = per_rank_batch(config, world_size)
     collate = MultiCropCollate.from_config(config, seed=seed)
     data = config.data
     common = dict(
