@@ -41,9 +41,9 @@ class SpecErrors(DinoCtlError, ValueError):
 class KubeError(DinoCtlError):
     """A failed Kubernetes API call: the verb, the object, the HTTP status (0 when none) and the server's reason."""
 
-    def __init__(self, verb: str, target: str, status: int, reason: str) -> None:
+    def __init__(self, verb: str, target: str, status: int, reason: str, *, permanent: bool | None = None) -> None:
         self.verb, self.target, self.status, self.reason = verb, target, status, reason
         # 403/404/422 are the caller's mistake (RBAC, missing CRD or object, invalid object); others may pass later.
-        self.permanent = status in (400, 401, 403, 404, 405, 422)
+        self.permanent = status in (400, 401, 403, 404, 405, 422) if permanent is None else permanent
         detail = f"HTTP {status}: {reason}" if status else reason
         super().__init__(f"{verb} {target} failed ({detail})")

@@ -100,6 +100,7 @@ def list_items(response: Mapping[str, Any], resource: Resource) -> list[dict[str
     return [{"apiVersion": resource.api_version, "kind": resource.kind, **item} for item in response.get("items") or []]
 
 
+_UNTYPED_OBJECT = "failed to create typed patch object"
 CONFLICT_HINT = (
     "another field manager owns these fields; dino-ctl does not overwrite them silently. Change them back, or "
     "re-run with --force-conflicts to take ownership"
@@ -124,7 +125,10 @@ def kube_error(verb: str, target: str, status: int, body: str | bytes | None) ->
     elif status == 404 and not names_object:
         # A missing object is a Status naming it; a kind the server does not serve is a bare "404 page not found".
         reason = f"{reason}; the API server does not serve this kind: is its CustomResourceDefinition installed?"
-    return KubeError(verb, target, status, reason)
+    # Server-side apply answers 500 for an object it cannot type (a field the schema does not declare, duplicate
+    # list keys such as two env entries of one name): the object is invalid, retrying cannot help.
+    permanent = True if status == 500 and _UNTYPED_OBJECT in reason else None
+    return KubeError(verb, target, status, reason, permanent=permanent)
 
 
 def parse_warnings(headers: Iterable[str]) -> list[str]:
@@ -245,6 +249,19 @@ class KubeClient:
                  *([("dryRun", "All")] if dry_run else [])]
         headers = {"Content-Type": "application/apply-patch+yaml"}
         return self._json("apply", _target(body), "PATCH", path, query_params=query, header_params=headers, body=body)
+
+    def patch_status(self, api_version: str, kind: str, name: str, status: Mapping[str, Any], *,
+                     namespace: str | None = None) -> dict[str, Any]:
+        """JSON-merge-patch ``status`` into the object's ``status`` subresource (a None value removes that key).
+
+        The controller writes its resources' status this way: only the status subresource, never the spec.
+        """
+        resource = resource_for(api_version, kind)
+        namespace = namespace or self.namespace
+        path = object_path(resource, namespace=namespace, name=name) + "/status"
+        headers = {"Content-Type": "application/merge-patch+json"}
+        return self._json("patch status", _target(kind, name, namespace), "PATCH", path, header_params=headers,
+                          body={"status": dict(status)})
 
     def get(self, api_version: str, kind: str, name: str, *, namespace: str | None = None) -> dict[str, Any] | None:
         """One object, or None when it does not exist."""

@@ -167,3 +167,24 @@ def crds(dynamic: Any) -> dict[str, dict[str, Any]]:
     found.append(crd_manifest())
     install_crds(dynamic, found)
     return {crd["spec"]["names"]["kind"] + "." + crd["spec"]["group"]: crd for crd in found}
+
+
+def server_side_apply(dynamic: Any, obj: dict[str, Any], *, namespace: str | None = None, dry_run: bool = False,
+                      manager: str = "dino-ctl-tests") -> tuple[dict[str, Any], list[str]]:
+    """Server-side apply any kind, as ``kubectl apply --server-side`` does; returns the object and the warnings.
+
+    Unknown fields are kept as warnings (the server's default ``fieldValidation=Warn``), so a test can assert none.
+    """
+    from dino_ctl.kube import parse_warnings
+
+    resource = dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
+    meta = dict(obj["metadata"])
+    if resource.namespaced:
+        meta["namespace"] = namespace or meta.get("namespace")
+    body = {**obj, "metadata": meta}
+    path = resource.path(name=meta["name"], namespace=meta.get("namespace"))
+    query = [("fieldManager", manager), ("force", "true"), *([("dryRun", "All")] if dry_run else [])]
+    response = dynamic.client.call_api(
+        path, "PATCH", query_params=query, body=body, auth_settings=["BearerToken"], _preload_content=False,
+        header_params={"Content-Type": "application/apply-patch+yaml", "Accept": "application/json"})
+    return json.loads(response.data), parse_warnings(response.headers.getlist("Warning"))

@@ -131,3 +131,24 @@ def test_missing_kubeconfig_is_a_clear_error(tmp_path: Path, monkeypatch: pytest
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(KubeError, match="no usable kubeconfig or in-cluster config"):
         KubeClient.from_kubeconfig()
+
+
+def test_an_undeclared_field_is_refused_and_server_warnings_are_kept(kube: KubeClient, crds: dict) -> None:
+    """What the render dry-run test relies on: server-side apply refuses a field the schema does not declare (a
+    misspelt field is never pruned silently) and duplicate list keys, and the server's warnings are recorded."""
+    with pytest.raises(KubeError, match=r"spec.runPolicy.backofLimit: field not declared in schema") as info:
+        kube.apply({"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": {"name": "j"},
+                    "spec": {"pytorchReplicaSpecs": {}, "runPolicy": {"backofLimit": 3}}}, dry_run=True)
+    assert info.value.permanent  # an HTTP 500 from the server, but retrying cannot fix the object
+    assert kube.warnings == []
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+           "spec": {"containers": [{"name": "c", "image": "registry.invalid/x:0",
+                                    "env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}]}}
+    with pytest.raises(KubeError, match=r'env: duplicate entries for key \[name="A"\]') as info:
+        kube.apply(pod, dry_run=True)
+    assert info.value.permanent
+    pod["spec"]["containers"][0]["env"] = []
+    pod["spec"]["nodeSelector"] = {"beta.kubernetes.io/arch": "amd64"}
+    kube.apply(pod, dry_run=True)
+    assert len(kube.warnings) == 1 and "beta.kubernetes.io/arch" in kube.warnings[0], kube.warnings
+    del crds
