@@ -78,6 +78,7 @@ for name in "${ORDER[@]}"; do
   if (cd "$MODULE_DIR" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -tags selinux,notest,grpcnotrace \
         -ldflags "-s -w $version_flags" -o "$BIN_DIR/$name.partial" "${PACKAGES[$name]}") 2>"$BIN_DIR/$name.log"; then
     mv "$BIN_DIR/$name.partial" "$BIN_DIR/$name"   # a killed build never leaves a binary that looks complete
+    rm -f "$BIN_DIR/$name.log"
     echo "k8s-stack: $name built in $((SECONDS - start)) s" >&2
   else
     echo "k8s-stack: FAILED to build $name from ${PACKAGES[$name]}:" >&2

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEB_PACKAGES=(dataset-fashion-mnist prometheus)
+DEB_PACKAGES=(dataset-fashion-mnist prometheus openssl)
 missing=()
 for pkg in "${DEB_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -30,4 +30,7 @@ fi
 # dependencies, into a directory of its own that only those tests and benchmarks put on sys.path.
 [ -d .venv/reference/dinov2 ] ||
   .venv/bin/pip install -q --no-cache-dir --no-deps --target .venv/reference dinov2==0.0.1.dev2
+# The real Kubernetes control plane of the cluster tests (etcd, kube-apiserver, controller manager, scheduler,
+# kubectl), built from the Go module proxy into a cache outside the repository; seconds when already built.
+bash scripts/k8s-stack.sh >/dev/null
 echo "set-up complete: activate with 'source .venv/bin/activate'"
