@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from trainer.config import ARCHS, ConfigError, config_from_dict
+from trainer.config import ARCHS, ConfigError, config_from_dict, pydantic_errors
 
 __all__ = [
     "BalanceConfig",
@@ -200,32 +200,6 @@ class CurationSpec(_Model):
         return tuple(s for s in self.sources if s.role == role)
 
 
-def _describe_error(error: dict[str, Any]) -> ConfigError:
-    """Turn pydantic's first error into a ConfigError with a dotted path (union member tags removed)."""
-    model: Any = CurationSpec
-    path, parent = "", "the spec"
-    for part in error["loc"]:
-        if isinstance(part, int):
-            path += f"[{part}]"
-            parent = path
-            continue
-        fields = getattr(model, "model_fields", None)
-        if fields is None or part not in fields:
-            if error["type"] == "extra_forbidden" and fields is not None:
-                known = ", ".join(fields)
-                return ConfigError(
-                    f"{path}.{part}" if path else part, error.get("input"), f"a key of {parent}: {known}"
-                )
-            continue  # a union member tag such as 'str' or 'dict[str,any]'
-        path = f"{path}.{part}" if path else part
-        parent = path
-        annotation = fields[part].annotation
-        model = getattr(annotation, "__args__", (annotation,))[0] if hasattr(annotation, "__args__") else annotation
-    if error["type"] == "missing":
-        return ConfigError(path, None, "a value: this field is required")
-    return ConfigError(path or "spec", error.get("input"), error["msg"])
-
-
 def _check_model(model: str | dict[str, Any]) -> None:
     if isinstance(model, str):
         if model != "thumbnail" and model not in ARCHS:
@@ -264,8 +238,8 @@ def spec_from_dict(data: dict[str, Any]) -> CurationSpec:
         raise ConfigError("spec", data, "a mapping with name, output, sources and step sections")
     try:
         spec = CurationSpec.model_validate(data)
-    except ValidationError as exc:
-        raise _describe_error(exc.errors(include_url=False)[0]) from None
+    except ValidationError as exc:  # the first problem, with its dotted path
+        raise pydantic_errors(exc.errors(include_url=False), CurationSpec, empty_path="spec")[0] from None
     _check_semantics(spec)
     return spec
 

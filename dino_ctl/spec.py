@@ -12,12 +12,12 @@ that span fields (stage graph, world sizes, recipes) and loads spec files (``loa
 from __future__ import annotations
 
 import re
-import typing
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError
 from pydantic.alias_generators import to_camel
 from pydantic.json_schema import WithJsonSchema
+from trainer.config import pydantic_errors
 
 from dino_ctl.errors import SpecError, SpecErrors
 
@@ -415,56 +415,6 @@ class DinoExperiment(SpecModel):
         return self.model_dump(mode="json", by_alias=True, exclude={"status"}, exclude_none=True)
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Loading: pydantic errors become SpecErrors with Kubernetes-style field paths.
-# ------------------------------------------------------------------------------------------------------------------
-
-
-def _field_path(loc: tuple[int | str, ...]) -> str:
-    path = ""
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        elif part.startswith("function-") or part in ("list[str]", "str", "int"):
-            continue  # pydantic's names of union/validator branches, not fields
-        else:
-            path += f".{part}" if path else part
-    return path or "<document>"
-
-
-def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
-    """The model class that holds the field at ``loc`` (walking aliases, list items and optionals)."""
-    model: Any = DinoExperiment
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        fields = {(info.alias or name): info for name, info in model.model_fields.items()}
-        if part not in fields:
-            return None
-        annotation = fields[part].annotation
-        candidates = [annotation, *typing.get_args(annotation)]
-        candidates += [inner for arg in candidates for inner in typing.get_args(arg)]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if model is None:
-            return None
-    return model
-
-
-def _allowed(error: dict[str, Any]) -> str:
-    kind, ctx = error["type"], error.get("ctx", {})
-    if kind == "missing":
-        return "a value: this field is required"
-    if kind == "extra_forbidden":
-        model = _model_at(error["loc"])
-        keys = [info.alias or name for name, info in model.model_fields.items()] if model else []
-        return "a known key: " + ", ".join(keys) if keys else "only the documented keys (see `dino-ctl schema`)"
-    if kind == "literal_error":
-        return f"one of {ctx.get('expected', '')}".replace(" or ", ", ")
-    if kind == "value_error":
-        return str(ctx.get("error", error["msg"]))
-    return error["msg"][0].lower() + error["msg"][1:]
-
-
 def parse_spec(document: Any) -> DinoExperiment:
     """Validate a parsed YAML/JSON document into a :class:`DinoExperiment` (shape checks only).
 
@@ -474,9 +424,5 @@ def parse_spec(document: Any) -> DinoExperiment:
         raise SpecErrors([SpecError("<document>", document, "a mapping with apiVersion, kind, metadata and spec")])
     try:
         return DinoExperiment.model_validate(document)
-    except ValidationError as exc:
-        errors = [
-            SpecError(_field_path(err["loc"]), err.get("input") if err["type"] != "missing" else None, _allowed(err))
-            for err in exc.errors(include_url=False)
-        ]
-        raise SpecErrors(errors) from None
+    except ValidationError as exc:  # Kubernetes-style wire paths (camelCase), every error at once
+        raise SpecErrors(pydantic_errors(exc.errors(include_url=False), DinoExperiment, make=SpecError)) from None

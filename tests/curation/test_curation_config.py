@@ -41,8 +41,8 @@ def test_defaults_are_the_papers() -> None:
     "changes,path,allowed",
     [
         ({"dedup": {"k": 0}}, "dedup.k", "greater than or equal to 1"),
-        ({"dedup": {"treshold": 0.5}}, "dedup.treshold", "a key of dedup: enabled, k, threshold"),
-        ({"dedup": {"index": {"kind": "hnsw"}}}, "dedup.index.kind", "'auto', 'flat', 'ivf_flat' or 'ivf_pq'"),
+        ({"dedup": {"treshold": 0.5}}, "dedup.treshold", "a known key: enabled, k, threshold"),
+        ({"dedup": {"index": {"kind": "hnsw"}}}, "dedup.index.kind", "one of 'auto', 'flat', 'ivf_flat', 'ivf_pq'"),
         ({"sources": [{"name": "pool", "kind": "folder", "path": "/p", "role": "train"}]}, "sources[0].role", "'pool'"),
         ({"sources": [{"name": "Pool!", "kind": "folder", "path": "/p"}]}, "sources[0].name", "pattern"),
         (
