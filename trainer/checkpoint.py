@@ -53,7 +53,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from trainer import layout
-from trainer.config import CheckpointConfig
+from trainer.config import CheckpointConfig, ConfigError
 
 __all__ = [
     "CheckpointManager",
@@ -203,8 +203,8 @@ class CheckpointManager:
                 f"rank/world_size: invalid value {(rank, world_size)!r}; allowed: the process group's "
                 f"{(dist.get_rank(), dist.get_world_size())!r}"
             )
-        if config.keep_last < 0:
-            raise ValueError(f"checkpoint.keep_last: invalid value {config.keep_last!r}; allowed: >= 0 (0 keeps all)")
+        if config.keep_last < 0:  # validate_config's rule, for a manager built from a config it has not seen
+            raise ConfigError("checkpoint.keep_last", config.keep_last, ">= 0 (0 keeps all)")
         self.config = config
         self.directory = config.dir.rstrip("/")
         self.rank, self.world_size = rank, world_size

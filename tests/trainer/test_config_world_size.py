@@ -33,3 +33,14 @@ def test_uneven_micro_batches_and_batch_shares_are_refused() -> None:
     assert micro_batches(config, 2) == (2, 10)
     with pytest.raises(ConfigError, match=r"optim\.global_batch_size: invalid value 40; allowed: a multiple"):
         per_rank_batch(config, 3)
+
+
+@pytest.mark.parametrize(("key", "value", "allowed"), [
+    ("checkpoint.keep_last", -1, ">= 0 (0 keeps all)"),
+    ("checkpoint.interval_iterations", 0, "an integer >= 1"),
+    ("heads.num_layers", 0, "an integer >= 1"),
+])
+def test_runtime_settings_are_checked_before_the_runtime_starts(key: str, value: int, allowed: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve_config("tiny", overrides={key: value})
+    assert (info.value.path, info.value.value, info.value.allowed) == (key, value, allowed)

@@ -123,6 +123,12 @@ def _check_data_and_stage(config: TrainConfig) -> None:
         raise ConfigError("stage.init_from", None, "a checkpoint directory of the previous stage for a highres stage")
     if config.stage.kind == "distill" and not config.stage.teacher_from:
         raise ConfigError("stage.teacher_from", None, "a teacher checkpoint directory for a distill stage")
+    if config.checkpoint.keep_last < 0:
+        raise ConfigError("checkpoint.keep_last", config.checkpoint.keep_last, ">= 0 (0 keeps all)")
+    if config.checkpoint.interval_iterations < 1:
+        raise ConfigError("checkpoint.interval_iterations", config.checkpoint.interval_iterations, "an integer >= 1")
+    if config.heads.num_layers < 1:
+        raise ConfigError("heads.num_layers", config.heads.num_layers, "an integer >= 1")
     if config.metrics.port < -1 or config.metrics.port > 65535:
         raise ConfigError("metrics.port", config.metrics.port, "-1 (off), 0 (any free port) or 1..65535")
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.config import CropConfig
+from trainer.config import ConfigError, CropConfig
 from trainer.data.colour import NUM_JITTER_OPS, ColourParams, apply_colour_ops, normalize_, uint8_to_float
 
 __all__ = [
@@ -191,10 +191,7 @@ class MultiCropAugmentation:
 
     def __init__(self, crops: CropConfig, *, fast_path: bool | None = None, defer_colour: bool | None = None) -> None:
         if crops.blur_probabilities not in BLUR_PROBABILITIES:
-            raise ValueError(
-                f"data.crops.blur_probabilities: invalid value {crops.blur_probabilities!r}; "
-                f"allowed: {', '.join(BLUR_PROBABILITIES)}"
-            )
+            raise ConfigError("data.crops.blur_probabilities", crops.blur_probabilities, ", ".join(BLUR_PROBABILITIES))
         self.crops = crops
         self.defer_colour = crops.gpu_augment if defer_colour is None else defer_colour
         self.fast_path = crops.fast_path if fast_path is None else fast_path

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from trainer.config import CropConfig, MaskConfig, TrainConfig
+from trainer.config import ConfigError, CropConfig, MaskConfig, TrainConfig
 from trainer.data.augment import BadImageError, MultiCropAugmentation, MultiCropSample
 from trainer.data.colour import ColourParams, apply_colour_ops, normalize_, uint8_to_float
 from trainer.data.synthetic import synthetic_image, synthetic_image_size
@@ -108,10 +108,8 @@ class MultiCropCollate:
         augmentation: MultiCropAugmentation | None = None,
     ) -> None:
         if crops.global_size % patch_size:
-            raise ValueError(
-                f"data.crops.global_size: invalid value {crops.global_size!r}; allowed: a multiple of the patch size "
-                f"({patch_size})"
-            )
+            allowed = f"a multiple of the patch size ({patch_size})"
+            raise ConfigError("data.crops.global_size", crops.global_size, allowed)
         self.crops, self.masking, self.seed = crops, masking, seed
         self.grid = crops.global_size // patch_size
         self.augmentation = augmentation or MultiCropAugmentation(crops)
