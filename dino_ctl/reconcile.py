@@ -38,7 +38,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 STATE_FIELD_MANAGER = "dino-ctl-state"
-"""Field manager of the state annotations, so applying them never drops fields the renderer's manager owns."""
+"""Field manager of the state annotations, so applying them never drops fields the renderer's manager owns.
+
+The renderer writes the stage ConfigMap's state annotations too (a resubmitted stage carries its counts), so it
+co-owns them; the state manager applies them with ``force``: recording a new count takes the annotations over rather
+than failing with a 409 conflict against the renderer's older value."""
 _JOB_API = {"PyTorchJob": "kubeflow.org/v1", "TrainJob": "trainer.kubeflow.org/v1alpha1",
             "Job": "batch.volcano.sh/v1alpha1"}
 assert set(_JOB_API) == set(JOB_KINDS)
@@ -72,6 +76,7 @@ def _apply_state(client: KubeClient, experiment: DinoExperiment, action: Action)
             },
         },
         field_manager=STATE_FIELD_MANAGER,
+        force=True,
     )
 
 

@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from dino_ctl.kube import KubeClient
+
 __all__ = ["main", "parse_args"]
 
 logger = logging.getLogger("dino_ctl.controller")
@@ -16,6 +18,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m dino_ctl.controller", description=__doc__)
     parser.add_argument("--namespace", action="append", dest="namespaces", default=[], metavar="NS",
                         help="namespace to reconcile DinoExperiments in (repeat for several; required)")
+    parser.add_argument("--bind-address", default="0.0.0.0",  # noqa: S104 (a pod's probes and scrapes come from outside)
+                        help="address the health and metrics endpoints listen on (127.0.0.1: this machine only)")
     parser.add_argument("--health-port", type=int, default=8080, help="kopf health endpoint port (/healthz)")
     parser.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0 disables)")
     parser.add_argument("--interval", type=float, default=30.0, help="seconds between periodic reconciles")
@@ -30,6 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _url_host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -38,17 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     from dino_ctl.controller.executor import Executor, read_latest_checkpoints
     from dino_ctl.controller.handlers import Controller, build_registry, operator_settings
     from dino_ctl.controller.metrics import ControllerMetrics
-    from dino_ctl.kube import KubeClient
 
     metrics = ControllerMetrics()
     if args.metrics_port:
-        metrics.serve(args.metrics_port)
+        metrics.serve(args.metrics_port, addr=args.bind_address)
     executor = Executor(KubeClient.from_kubeconfig(),
                         checkpoint_reader=read_latest_checkpoints if args.read_checkpoints else None)
     registry = build_registry(Controller(executor, metrics), interval=args.interval)
     logger.info("reconciling DinoExperiments in %s every %.0fs", ", ".join(args.namespaces), args.interval)
     kopf.run(registry=registry, settings=operator_settings(), standalone=True, namespaces=args.namespaces,
-             liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz")
+             liveness_endpoint=f"http://{_url_host(args.bind_address)}:{args.health_port}/healthz")
     return 0
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from dino_ctl import reconcile as client_side
+from dino_ctl.checkpoints import stage_checkpoints
 from dino_ctl.errors import KubeError
 from dino_ctl.kube import STATE_KINDS, KubeClient
 from dino_ctl.naming import LABEL_EXPERIMENT
@@ -41,8 +42,6 @@ def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
 
 def read_latest_checkpoints(experiment: DinoExperiment) -> dict[str, int | None]:
     """The newest complete checkpoint of each stage, read with fsspec from ``spec.storage.checkpoints``."""
-    from dino_ctl.checkpoints import stage_checkpoints
-
     latest: dict[str, int | None] = {}
     for stage in stage_checkpoints(experiment):
         complete = [info.iteration for info in stage.checkpoints if info.complete]
@@ -78,6 +77,21 @@ class Executor:
     def __init__(self, client: KubeClient, *, checkpoint_reader: CheckpointReader | None = None) -> None:
         self.client = client
         self.checkpoint_reader = checkpoint_reader
+
+    def current(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The resource as stored now (``body`` may be older); None when it is gone or was replaced (another uid)."""
+        meta = body["metadata"]
+        live = self.client.get(body["apiVersion"], body["kind"], meta["name"], namespace=meta["namespace"])
+        if live is None or live["metadata"].get("uid") != meta["uid"]:
+            return None
+        return live
+
+    def write_status(self, body: Mapping[str, Any], patch: Mapping[str, Any]) -> None:
+        """Merge ``patch`` into the resource's status subresource; an empty patch writes nothing."""
+        if patch:
+            meta = body["metadata"]
+            self.client.patch_status(body["apiVersion"], body["kind"], meta["name"], patch,
+                                     namespace=meta["namespace"])
 
     def observe(self, experiment: DinoExperiment, body: Mapping[str, Any]) -> Observed:
         """The experiment's objects plus the resource itself (it carries the cancel annotation), reduced."""

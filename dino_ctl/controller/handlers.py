@@ -1,9 +1,10 @@
 """kopf handlers for ``DinoExperiment`` (thin) and the :class:`Controller` they call.
 
 One reconcile runs on create, on a change of spec, labels or annotations, when the operator resumes, and every
-``interval`` seconds (jobs change state without touching the resource). Each run: parse and validate the resource,
-observe its objects, run the pure :func:`dino_ctl.controller.core.reconcile`, execute the actions, then write the
-status and post the events.
+``interval`` seconds (jobs change state without touching the resource). Each run, holding the resource's lock:
+re-read the resource, parse and validate it, observe its objects, run the pure
+:func:`dino_ctl.controller.core.reconcile`, execute the actions and write the status subresource (what changed only);
+then, outside the lock, post the events.
 Everything the next run needs lives in the cluster (stage ConfigMaps, jobs, the resource's status), so a restarted
 controller continues where the previous one stopped and never creates anything twice.
 
@@ -35,7 +36,7 @@ from dino_ctl.controller.metrics import ControllerMetrics
 from dino_ctl.controller.status import INVALID_PHASE, invalid_status
 
 __all__ = ["FINALIZER", "Controller", "Handlers", "Outcome", "apply_outcome", "build_registry", "make_handlers",
-           "operator_settings"]
+           "operator_settings", "status_patch"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,22 +95,50 @@ class Controller:
         previous = body.get("status") or {}
         status = invalid_status([str(e) for e in exc.errors], previous=previous, now=self.clock(),
                                 generation=body["metadata"].get("generation"))
-        self.metrics.count_error("invalid_spec")
         self.metrics.set_phase(body["metadata"]["uid"], INVALID_PHASE)
-        repeated = previous.get("phase") == INVALID_PHASE and previous.get("message") == status["message"]
-        events = [] if repeated else [Event(type=WARNING, reason="InvalidSpec", message=status["message"])]
-        return Outcome(status=status, events=events, error=status["message"], permanent=True)
+        if all(previous.get(key) == status.get(key) for key in ("phase", "message", "observedGeneration")):
+            # Already reported for this generation (by this process or an earlier one): a periodic pass or a
+            # restart changes nothing, so it neither reports, nor counts, nor fails again. Only a new spec helps.
+            return Outcome(status=dict(previous))
+        self.metrics.count_error("invalid_spec")
+        event = Event(type=WARNING, reason="InvalidSpec", message=status["message"])
+        return Outcome(status=status, events=[event], error=status["message"], permanent=True)
 
     def reconcile(self, body: Mapping[str, Any]) -> Outcome:
-        """One full pass over the resource ``body`` (as the API returns it)."""
-        body = _plain(body)
+        """One full pass over the resource ``body`` (as kopf delivered it); the new status is written before return.
+
+        The timer and the change handlers may fire together for one resource, each with the body it was given; the
+        pass therefore re-reads the resource under a per-resource lock and writes its status (only what changed)
+        before releasing it, so the next pass starts from what this one wrote and never reports an event twice.
+        """
+        meta = body["metadata"]
+        with self._lock(meta["uid"]):
+            try:
+                current = self.executor.current(_plain(body))
+            except KubeError as exc:
+                return self._api_error(f"{meta.get('namespace')}/{meta['name']}", exc, body.get("status") or {})
+            if current is None:
+                return Outcome(status={})  # deleted meanwhile: nothing to reconcile, nothing to write
+            outcome = self._pass(current)
+            try:
+                self.executor.write_status(current, status_patch(current.get("status") or {}, outcome.status))
+            except KubeError as exc:  # nothing of this pass was recorded: the next pass reports it again
+                return self._api_error(f"{meta.get('namespace')}/{meta['name']}", exc, current.get("status") or {})
+            return outcome
+
+    def _pass(self, body: dict[str, Any]) -> Outcome:
         try:
             experiment = parse_spec(body)
             validate_experiment(experiment)
         except SpecErrors as exc:
             return self._invalid(body, exc)
-        with self._lock(body["metadata"]["uid"]):
-            return self._reconcile(experiment, body)
+        return self._reconcile(experiment, body)
+
+    def _api_error(self, name: str, exc: KubeError, previous: Mapping[str, Any]) -> Outcome:
+        self.metrics.count_error("api")
+        logger.warning("%s: %s", name, exc)
+        event = Event(type=WARNING, reason="ReconcileError", message=str(exc))
+        return Outcome(status=dict(previous), events=[event], error=str(exc), permanent=exc.permanent)
 
     def _reconcile(self, experiment: DinoExperiment, body: dict[str, Any]) -> Outcome:
         previous = body.get("status") or {}
@@ -118,21 +147,18 @@ class Controller:
             result = reconcile(experiment, observed, previous, now=self.clock(),
                                generation=body["metadata"].get("generation"))
             self.executor.execute(experiment, result.actions, observed, body)
+            events = list(result.events)
+            if previous.get("observedGeneration") != body["metadata"].get("generation"):
+                # First pass over this spec: (re)apply its monitoring objects, which no later pass changes.
+                events += [Event(type=WARNING, reason="MonitoringNotApplied", message=w)
+                           for w in self.executor.apply_monitoring(experiment, body)]
         except KubeError as exc:
-            self.metrics.count_error("api")
-            logger.warning("%s/%s: %s", experiment.namespace, experiment.name, exc)
-            event = Event(type=WARNING, reason="ReconcileError", message=str(exc))
-            return Outcome(status=dict(previous), events=[event], error=str(exc), permanent=exc.permanent)
+            return self._api_error(f"{experiment.namespace}/{experiment.name}", exc, previous)
         except Exception:  # a bug: counted, then kopf logs it, posts an event and retries with backoff
             self.metrics.count_error("internal")
             raise
         self.metrics.count_restarts(experiment.name, result.restarts)
         self.metrics.set_phase(body["metadata"]["uid"], result.status["phase"])
-        events = list(result.events)
-        if previous.get("observedGeneration") != body["metadata"].get("generation"):
-            # First pass over this spec: (re)apply its monitoring objects, which no later pass changes.
-            events += [Event(type=WARNING, reason="MonitoringNotApplied", message=w)
-                       for w in self.executor.apply_monitoring(experiment, body)]
         return Outcome(status=result.status, events=events)
 
     def finalize(self, body: Mapping[str, Any]) -> list[str]:
@@ -150,16 +176,15 @@ class Controller:
         return remaining
 
 
-def apply_outcome(outcome: Outcome, *, body: Mapping[str, Any], patch: kopf.Patch, post: Poster,
-                  retry_delay: float) -> None:
-    """Write ``outcome`` through kopf: the whole status (keys that disappeared are removed), events, errors."""
-    old = body.get("status") or {}
-    for key in old:
-        if key not in outcome.status and key != "kopf":  # kopf's own bookkeeping may live in status.kopf
-            patch.status[key] = None
-    for key, value in outcome.status.items():
-        if old.get(key) != value:
-            patch.status[key] = value
+def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch turning status ``old`` into ``new`` (keys that disappeared are removed); {} if equal."""
+    patch: dict[str, Any] = {key: None for key in old if key not in new and key != "kopf"}  # kopf's bookkeeping
+    patch.update({key: value for key, value in new.items() if old.get(key) != value})
+    return patch
+
+
+def apply_outcome(outcome: Outcome, *, body: Mapping[str, Any], post: Poster, retry_delay: float) -> None:
+    """Report ``outcome`` through kopf (its status is already written): post the events, raise its error."""
     for event in outcome.events:
         post(body, event)
     if outcome.error is not None:
@@ -194,8 +219,8 @@ class Handlers:
 def make_handlers(controller: Controller, *, interval: float, post: Poster = _kopf_post) -> Handlers:
     """Handler functions for ``controller``: reconcile on change/timer, clean up on delete."""
 
-    def on_change(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        apply_outcome(controller.reconcile(body), body=body, patch=patch, post=post, retry_delay=interval)
+    def on_change(body: kopf.Body, **_: Any) -> None:
+        apply_outcome(controller.reconcile(body), body=body, post=post, retry_delay=interval)
 
     def on_delete(body: kopf.Body, **_: Any) -> None:
         remaining = controller.finalize(body)
@@ -209,6 +234,10 @@ def build_registry(controller: Controller, *, interval: float, post: Poster = _k
     """A kopf registry with the DinoExperiment handlers bound to ``controller``."""
     handlers = make_handlers(controller, interval=interval, post=post)
     registry = kopf.OperatorRegistry()
+    # A plain OperatorRegistry has no login handler (only kopf's default registry gets its fallbacks): without this
+    # the operator starts, finds no credentials and exits. The kubernetes client's own loading: the pod's service
+    # account in a cluster, else the current kubeconfig context.
+    kopf.on.login(registry=registry, id="login", errors=kopf.ErrorsMode.IGNORED)(kopf.login_via_client)
     resource = (GROUP, VERSION, PLURAL)
     kopf.on.resume(*resource, registry=registry, id="reconcile")(handlers.on_change)
     kopf.on.create(*resource, registry=registry, id="reconcile")(handlers.on_change)

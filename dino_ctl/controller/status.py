@@ -158,15 +158,32 @@ def experiment_status(
     status["stages"] = stages
     previous_conditions = (previous or {}).get("conditions") or []
     status["conditions"] = _conditions(phase.value, phase.value, message, previous_conditions, now)
+    was_invalid = next((c for c in previous_conditions if c.get("type") == INVALID_PHASE), None)
+    if was_invalid is not None:  # fixed: the condition stays, False, so `kubectl wait` and users see the change
+        status["conditions"].append(_invalid_condition("False", "SpecValid", "", was_invalid, now))
     return status
+
+
+def _invalid_condition(value: str, reason: str, message: str, old: Mapping[str, Any] | None,
+                       now: str) -> dict[str, Any]:
+    unchanged = old is not None and old.get("status") == value and "lastTransitionTime" in old
+    return {"type": INVALID_PHASE, "status": value, "reason": reason, "message": message,
+            "lastTransitionTime": old["lastTransitionTime"] if unchanged else now}
 
 
 def invalid_status(errors: Sequence[str], *, previous: Mapping[str, Any] | None, now: str,
                    generation: int | None = None) -> dict[str, Any]:
-    """Status of an experiment whose spec does not validate: the errors, and nothing running."""
+    """Status of an experiment whose spec does not validate: the errors, and nothing running.
+
+    Besides ``Failed``, the condition ``Invalid`` is True with the errors (each names its field); once the spec is
+    fixed, :func:`experiment_status` keeps it, False.
+    """
     message = "invalid spec: " + "; ".join(errors)
     status: dict[str, Any] = {"phase": INVALID_PHASE, "message": message}
     if generation is not None:
         status["observedGeneration"] = generation
-    status["conditions"] = _conditions("Failed", "InvalidSpec", message, (previous or {}).get("conditions") or [], now)
+    previous_conditions = (previous or {}).get("conditions") or []
+    status["conditions"] = _conditions("Failed", "InvalidSpec", message, previous_conditions, now)
+    old = next((c for c in previous_conditions if c.get("type") == INVALID_PHASE), None)
+    status["conditions"].append(_invalid_condition("True", "InvalidSpec", message, old, now))
     return status

@@ -182,3 +182,139 @@ def _address(hex_address: str, width: int) -> str:
         return str(ipaddress.IPv4Address(raw[::-1]))
     words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
     return str(ipaddress.IPv6Address(words))
+
+
+class AdmissionGate:
+    """A validating admission webhook on 127.0.0.1 that holds the first real CREATE of a kind until released.
+
+    While it holds, the client that sent the request (the controller) is stuck in the middle of its pass, exactly
+    between two API calls: the moment to kill it. Served with the stack's own serving certificate (it names
+    127.0.0.1) and trusted through the stack's CA. Dry-run requests pass at once (they probe that it is active).
+    """
+
+    def __init__(self, stack: Any, namespace: str, *, group: str, version: str, resource: str) -> None:
+        import threading
+
+        self.stack, self.namespace = stack, namespace
+        self.rule = {"apiGroups": [group], "apiVersions": [version], "operations": ["CREATE"],
+                     "resources": [resource], "scope": "Namespaced"}
+        self.name = f"gate-{namespace}"
+        self.held = threading.Event()
+        self.release = threading.Event()
+        self.requests: list[dict[str, Any]] = []
+        self._server: Any = None
+
+    def _handler(self) -> type:
+        import json
+        from http.server import BaseHTTPRequestHandler
+
+        gate = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                del args
+
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                review = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                request = review["request"]
+                gate.requests.append(request)
+                if not request.get("dryRun") and not gate.held.is_set():
+                    gate.held.set()
+                    gate.release.wait(timeout=20)
+                body = json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                                   "response": {"uid": request["uid"], "allowed": True}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        return Handler
+
+    def __enter__(self) -> AdmissionGate:
+        import base64
+        import ssl
+        import threading
+        from http.server import ThreadingHTTPServer
+
+        self._server = ThreadingHTTPServer((HOST, 0), self._handler())
+        self._server.daemon_threads = True
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.stack.pki / "apiserver.crt", self.stack.pki / "apiserver.key")
+        self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        port = self._server.server_address[1]
+        from kubernetes import client
+
+        from tests.cluster.conftest import api_client
+
+        self._admission = client.AdmissionregistrationV1Api(api_client(self.stack))
+        self._admission.create_validating_webhook_configuration({
+            "metadata": {"name": self.name},
+            "webhooks": [{
+                "name": "gate.dino-ctl.test",
+                "clientConfig": {"url": f"https://{HOST}:{port}/validate",
+                                 "caBundle": base64.b64encode(self.stack.ca_file.read_bytes()).decode()},
+                "rules": [self.rule],
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": self.namespace}},
+                "sideEffects": "None", "admissionReviewVersions": ["v1"], "failurePolicy": "Fail",
+                "timeoutSeconds": 25,
+            }],
+        })
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release.set()
+        self._admission.delete_validating_webhook_configuration(self.name)
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class AddedRecorder:
+    """Watches kinds in a namespace (as the admin) and records the uid of every object ADDED, by ``Kind/name``."""
+
+    def __init__(self, admin_api: Any, namespace: str) -> None:
+        self.admin_api, self.namespace = admin_api, namespace
+        self.added: dict[str, list[str]] = {}
+        self.error: Exception | None = None
+        self._stopped = False
+        self._watches: list[Any] = []
+        self._threads: list[Any] = []
+
+    def _record(self, kind: str, list_call: Any, *args: Any) -> None:
+        from kubernetes import watch
+
+        stream = watch.Watch()
+        self._watches.append(stream)
+        try:
+            for event in stream.stream(list_call, *args, timeout_seconds=300):
+                obj = event["object"]
+                meta = obj["metadata"] if isinstance(obj, dict) else obj.metadata.to_dict()
+                if event["type"] == "ADDED":
+                    uids = self.added.setdefault(f"{kind}/{meta['name']}", [])
+                    if meta["uid"] not in uids:
+                        uids.append(meta["uid"])
+        except Exception as exc:  # the stream is cut when the stack stops; before that it is a failure
+            if not self._stopped:
+                self.error = exc
+
+    def __enter__(self) -> AddedRecorder:
+        import threading
+
+        from kubernetes import client
+
+        core, custom = client.CoreV1Api(self.admin_api), client.CustomObjectsApi(self.admin_api)
+        for kind, call, args in (
+            ("ConfigMap", core.list_namespaced_config_map, (self.namespace,)),
+            ("PyTorchJob", custom.list_namespaced_custom_object, ("kubeflow.org", "v1", self.namespace, "pytorchjobs")),
+        ):
+            thread = threading.Thread(target=self._record, args=(kind, call, *args), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stopped = True
+        for stream in self._watches:
+            stream.stop()
+        assert self.error is None, f"a watch failed: {self.error!r}"

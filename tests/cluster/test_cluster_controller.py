@@ -19,6 +19,8 @@ from dino_ctl.errors import KubeError
 from dino_ctl.kube import KubeClient
 from tests.cluster.conftest import wait_for
 from tests.cluster.controller_process import (
+    AddedRecorder,
+    AdmissionGate,
     ChartIdentity,
     ControllerProcess,
     install_chart_identity,
@@ -198,7 +200,7 @@ def test_the_chart_role_is_all_the_controller_may_do(identity: ChartIdentity, ad
 
     api = identity.api_client()
     sa = KubeClient(api, namespace=namespace)
-    assert sa.list(*DINO) == [] and sa.list("v1", "ConfigMap") == []  # inside its Role
+    assert sa.list(*DINO) == [] and sa.list("v1", "ConfigMap", selector="dino-ctl.io/experiment=demo") == []
     denied = [
         lambda: sa.list("v1", "Secret"),
         lambda: sa.get("v1", "Secret", "s3-creds"),
@@ -227,3 +229,145 @@ def test_the_chart_role_is_all_the_controller_may_do(identity: ChartIdentity, ad
         with pytest.raises(ApiException) as denial:
             call()
         assert denial.value.status == 403, denial.value.body
+
+
+def _versions(kube: KubeClient, uid: str) -> dict[str, str]:
+    """``kind/name -> resourceVersion`` of the DinoExperiment and every object it owns."""
+    found = {"DinoExperiment/demo": kube.get(*DINO, "demo")["metadata"]["resourceVersion"]}
+    for api_version, kind in OWNED_KINDS:
+        for obj in kube.list(api_version, kind):
+            if any(ref["uid"] == uid for ref in obj["metadata"].get("ownerReferences") or []):
+                found[f"{kind}/{obj['metadata']['name']}"] = obj["metadata"]["resourceVersion"]
+    return found
+
+
+def test_a_controller_killed_mid_reconcile_creates_nothing_twice(
+        identity: ChartIdentity, kube_stack: Any, kube: KubeClient, admin_api: Any, namespace: str,
+        tmp_path: Path) -> None:
+    process = ControllerProcess(identity.kubeconfig, namespace, tmp_path)
+    gate = AdmissionGate(kube_stack, namespace, group="kubeflow.org", version="v1", resource="pytorchjobs")
+    try:
+        with AddedRecorder(admin_api, namespace) as recorder, gate:
+            wait_for(lambda: "ConfigMap/kube-root-ca.crt" in recorder.added, what="the watches to start")
+            probe = {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": {"name": "probe"},
+                     "spec": {"pytorchReplicaSpecs": {}}}
+            wait_for(lambda: kube.apply(probe, dry_run=True) and gate.requests, what="the admission webhook to be active")
+
+            process.start()
+            uid = kube.apply(experiment_document(namespace))["metadata"]["uid"]
+            # The pass has applied the stage ConfigMap and now waits for the job's admission: kill it there.
+            wait_for(gate.held.is_set, what="the controller to submit the pretrain job")
+            process.kill()
+            config = kube.get("v1", "ConfigMap", "demo-pretrain-config")
+            assert config is not None and FINALIZER in kube.get(*DINO, "demo")["metadata"]["finalizers"]
+            assert not (kube.get(*DINO, "demo").get("status") or {}).get("stages")  # the pass never finished
+            gate.release.set()
+
+            process.start()
+            wait_for(lambda: stage_status(kube, "pretrain").get("job"), what="the restarted controller's status")
+            assert kube.get("v1", "ConfigMap", "demo-pretrain-config")["metadata"]["uid"] == config["metadata"]["uid"]
+            job = kube.get(*JOB, "demo-pretrain")
+            assert job["metadata"]["labels"]["dino-ctl.io/attempt"] == "0"
+
+            # Killed again with nothing to do: the restarted controller writes nothing at all.
+            wait_for(lambda: metric(process, 'dino_ctl_experiments{phase="Running"}') == 1, what="a pass")
+            before = _versions(kube, uid)
+            process.kill()
+            process.start()
+            wait_for(lambda: metric(process, 'dino_ctl_experiments{phase="Running"}') == 1,
+                     what="the restarted controller's first pass")
+            wait_for(lambda: "Timer 'periodic' succeeded" in process.log.read_text(), what="a periodic pass")
+            assert _versions(kube, uid) == before
+
+            set_job_condition(admin_api, namespace, "demo-pretrain", "Succeeded")
+            wait_for(lambda: stage_status(kube, "highres").get("job"), what="stage highres to be submitted")
+            wait_for(lambda: "PyTorchJob/demo-highres" in recorder.added, what="the watch to see the highres job")
+        assert {name: len(uids) for name, uids in recorder.added.items()} == {
+            "ConfigMap/kube-root-ca.crt": 1, "ConfigMap/demo-pretrain-config": 1, "ConfigMap/demo-highres-config": 1,
+            "PyTorchJob/demo-pretrain": 1, "PyTorchJob/demo-highres": 1}
+        assert recorder.added["PyTorchJob/demo-pretrain"] == [job["metadata"]["uid"]]
+        assert len(kube.list(*JOB)) == 2
+    finally:
+        process.stop()
+        print(f"--- controller logs ({tmp_path})\n{process.logs()[-20000:]}")
+
+
+def kubectl_apply(stack: Any, kubeconfig: Path, document: dict[str, Any], tmp_path: Path) -> Any:
+    """``kubectl apply --server-side -f`` with the stack's own kubectl."""
+    import subprocess
+
+    import yaml
+
+    kubectl = stack.kubectl()
+    assert kubectl is not None, f"kubectl was not built in {stack.binaries}: run `bash scripts/k8s-stack.sh`"
+    path = tmp_path / f"{document['metadata']['name']}.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return subprocess.run([str(kubectl), "--kubeconfig", str(kubeconfig), "apply", "--server-side", "-f", str(path)],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("backend", "slurm", 'spec.backend: Unsupported value: "slurm": supported values: "pytorchjob", "trainjob"'),
+    ("storage", {"checkpoints": "/local/disk"}, 'spec.storage.checkpoints: Invalid value: "/local/disk": '
+                                                "spec.storage.checkpoints in body should match '^(s3|gs|file|pvc)://.+$'"),
+    ("stages", [], "spec.stages: Invalid value: 0: spec.stages in body should have at least 1 items"),
+], ids=["enum", "pattern", "minItems"])
+def test_the_crd_schema_refuses_what_it_can_express(
+        field: str, value: Any, message: str, kube_stack: Any, dynamic: Any, namespace: str, kubeconfig_for: Any,
+        crds: dict, tmp_path: Path) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    del crds
+    bad = experiment_document(namespace, **{field: value})
+    result = kubectl_apply(kube_stack, kubeconfig_for(namespace), bad, tmp_path)
+    assert result.returncode == 1, result.stdout
+    assert 'The DinoExperiment "demo" is invalid: ' in result.stderr and message in result.stderr
+    api = dynamic.resources.get(api_version="dino-ctl.io/v1alpha1", kind="DinoExperiment")
+    with pytest.raises(ApiException) as refused:
+        api.server_side_apply(body=bad, name="demo", namespace=namespace, field_manager="kubectl")
+    import json
+
+    body = refused.value.body
+    status = json.loads(body.decode() if isinstance(body, bytes) else body)
+    assert (refused.value.status, status["code"], status["reason"]) == (422, 422, "Invalid")
+    assert message in status["message"]
+    assert api.get(namespace=namespace).items == []  # nothing was stored
+
+
+def test_what_only_dino_ctl_knows_is_invalid_once_and_not_retried(
+        controller: ControllerProcess, kube_stack: Any, kube: KubeClient, admin_api: Any, namespace: str,
+        kubeconfig_for: Any, tmp_path: Path) -> None:
+    bad = experiment_document(namespace)
+    bad["spec"]["stages"][0]["recipe"] = "no-such-recipe"  # a string to the schema; dino-ctl knows the recipes
+    result = kubectl_apply(kube_stack, kubeconfig_for(namespace), bad, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "dinoexperiment.dino-ctl.io/demo serverside-applied"
+    uid = kube.get(*DINO, "demo")["metadata"]["uid"]
+
+    wait_for(lambda: status_of(kube).get("phase") == "Invalid", what="the Invalid phase")
+    status = status_of(kube)
+    assert "spec.stages[0].recipe" in status["message"] and "no-such-recipe" in status["message"]
+    invalid = [c for c in status["conditions"] if c["type"] == "Invalid"]
+    assert invalid and invalid[0]["status"] == "True" and invalid[0]["reason"] == "InvalidSpec"
+    assert "spec.stages[0].recipe" in invalid[0]["message"]
+    wait_for(lambda: "InvalidSpec" in reasons(admin_api, namespace, uid), what="the InvalidSpec event")
+
+    # Several periodic passes later: still one event, no write, nothing submitted, counted once.
+    version = kube.get(*DINO, "demo")["metadata"]["resourceVersion"]
+    passes = controller.log.read_text().count("Timer 'periodic'")
+    wait_for(lambda: controller.log.read_text().count("Timer 'periodic'") >= passes + 6, what="three timer passes")
+    found = events(admin_api, namespace, uid)
+    warnings = [(e.type, e.reason) for e in found if e.type != "Normal"]
+    assert warnings == [("Warning", "InvalidSpec")], [(e.type, e.reason, e.message) for e in found]
+    (event,) = [e for e in found if e.reason == "InvalidSpec"]
+    assert "spec.stages[0].recipe" in event.message and (event.count or 1) == 1
+    assert kube.get(*DINO, "demo")["metadata"]["resourceVersion"] == version
+    assert kube.list(*JOB) == [] and kube.get("v1", "ConfigMap", "demo-pretrain-config") is None
+    assert metric(controller, 'dino_ctl_reconcile_errors_total{kind="invalid_spec"}') == 1
+    assert metric(controller, 'dino_ctl_experiments{phase="Invalid"}') == 1
+
+    # Fixed by the user: the next pass runs it.
+    good = experiment_document(namespace)
+    assert kubectl_apply(kube_stack, kubeconfig_for(namespace), good, tmp_path).returncode == 0
+    wait_for(lambda: stage_status(kube, "pretrain").get("job"), what="the fixed experiment to be submitted")
+    assert not [c for c in status_of(kube)["conditions"] if c["type"] == "Invalid" and c["status"] == "True"]
