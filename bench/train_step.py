@@ -5,8 +5,11 @@
 Prints ONE JSON object (last line): images_per_s, step_time_s (median), peak_mem_bytes, model_flops_per_image,
 mfu (CUDA), and the same for a baseline that runs one student forward per crop size with classic drop-path, measured
 in the same process on the same batches, plus ``speedup_vs_unpacked``; and the public reference implementation's
-step (facebookresearch/dinov2 from PyPI, bench/reference_dinov2.py) from the same weights on the same batches, with
-``speedup_vs_reference`` and ``memory_ratio_vs_reference`` (``--no-reference`` skips it). ``--profile N`` adds
+own training step (facebookresearch/dinov2 from PyPI: its ``SSLMetaArch.forward_backward`` with its packed list
+forward, its optimiser, schedules, clipping and teacher update; bench/reference_dinov2.py) from the same weights on
+the same batches, with ``speedup_vs_reference`` and ``memory_ratio_vs_reference`` (``--no-reference`` skips it).
+Without xformers (any CPU) its attention runs through the stand-in of tests/trainer/reference_standins.py
+(PyTorch SDPA block by block); ``reference.student_forward`` says which. ``--profile N`` adds
 ``profile``: one more step of ours under ``torch.profiler``, its N costliest operators by self time (CUDA kernels on a
 GPU) with each one's share of the step. ``mfu`` counts the student backbone's matmul FLOPs only
 (``model_flops_per_image``): not the teacher's forward, the heads' prototype layers nor the losses.
@@ -95,7 +98,7 @@ def _measure(preset: str, overrides: dict, mode: str, batch_size: int, steps: in
     """One configuration, run in a fresh process so CPU peak RSS belongs to it alone.
 
     ``mode``: "packed" (ours), "unpacked" (ours, one forward per crop size) or "reference" (the public reference's
-    modules, see bench/reference_dinov2.py), all from the same initial weights and on the same batches.
+    own step, see bench/reference_dinov2.py), all from the same initial weights and on the same batches.
     """
     device = torch.device(device_name)
     config = resolve_config(preset, overrides=overrides)
@@ -112,10 +115,11 @@ def _measure(preset: str, overrides: dict, mode: str, batch_size: int, steps: in
     if mode == "reference":
         import warnings
 
-        from bench.reference_dinov2 import ReferenceStep
+        from bench.reference_dinov2 import ReferenceStep, reference_training_code
 
         warnings.simplefilter("ignore", FutureWarning)  # the 2023 reference calls since-deprecated torch APIs
-        step = ReferenceStep(models, config, device)
+        with reference_training_code(device) as code:
+            step = ReferenceStep(code, models, config, device)
         del models  # only the reference's copies stay in memory
     else:
         step = TrainStep(models, config, packed=mode == "packed",
@@ -136,6 +140,10 @@ def _measure(preset: str, overrides: dict, mode: str, batch_size: int, steps: in
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
     result = {"step_time_s": median, "images_per_s": batch_size / median, "peak_mem_bytes": _peak_mem(device)}
+    if mode == "reference":
+        result["student_forward"] = "packed list (" + (
+            "xformers)" if step.xformers == "xformers" else "xformers stand-in: PyTorch SDPA per block)"
+        )
     if profile_top:
         result["profile"] = _profile_step(step, batches[0], warmup + steps, device, dtype, profile_top)
     return result
@@ -183,14 +191,9 @@ def main() -> None:
         "speedup_vs_unpacked": base["step_time_s"] / ours["step_time_s"],
     }
     if ref is not None:
-        from bench.reference_dinov2 import REFERENCE_VERSION, xformers_available
+        from bench.reference_dinov2 import REFERENCE_VERSION
 
-        list_forward = device.type == "cuda" and xformers_available()
-        result["reference"] = {
-            **ref,
-            "implementation": REFERENCE_VERSION,
-            "student_forward": "packed list (xformers)" if list_forward else "one forward per crop size",
-        }
+        result["reference"] = {**ref, "implementation": REFERENCE_VERSION}
         result["speedup_vs_reference"] = ref["step_time_s"] / ours["step_time_s"]
         result["memory_ratio_vs_reference"] = ours["peak_mem_bytes"] / ref["peak_mem_bytes"]
     peak = _peak_flops(device)
