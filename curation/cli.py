@@ -10,6 +10,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import yaml
+
+from curation.progress import RichReporter
+from trainer.config import ConfigError
 
 __all__ = ["curate", "register"]
 
@@ -58,8 +62,6 @@ def curate(
     """Curate an image pool: embed, deduplicate, retrieve, balance, write MDS shards (each step resumable)."""
     from rich.console import Console
 
-    from trainer.config import ConfigError
-
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -80,8 +82,6 @@ def curate(
 
 
 def _render(spec, image: str | None) -> None:
-    import yaml
-
     from curation.kube import render_curation_jobs
 
     if not image:
@@ -91,7 +91,6 @@ def _render(spec, image: str | None) -> None:
 
 def _run(spec, steps: list[str] | None, shard_index: int | None, console):
     from curation.pipeline import resolve_shard, run_pipeline
-    from curation.progress import RichReporter
 
     with RichReporter(console) as reporter:
         return run_pipeline(spec, steps=steps, shard_index=resolve_shard(shard_index), reporter=reporter)

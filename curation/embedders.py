@@ -17,6 +17,7 @@ from PIL import Image
 from curation.config import EmbedConfig
 from curation.sources import ImageSource
 from curation.storage import l2_normalize
+from trainer.config import config_from_dict
 
 __all__ = ["EmbeddedBatch", "Embedder", "ThumbnailEmbedder", "BackboneEmbedder", "build_embedder"]
 
@@ -128,8 +129,6 @@ class BackboneEmbedder(Embedder):
         self.config, self.batch_size = config, config.batch_size
         model = config.model
         if isinstance(model, dict):
-            from trainer.config import config_from_dict
-
             model = config_from_dict({"model": model}).model
         want_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
         if config.device == "cuda" and not torch.cuda.is_available():

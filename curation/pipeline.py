@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from curation import steps as step_impls
 from curation.config import STEP_NAMES, CurationSpec
+from curation.context import SHARDED_STEPS, Context, FailureHook, step_directory
 from curation.progress import Reporter
 from curation.storage import hash_json, read_marker
 from trainer.config import ConfigError
@@ -24,48 +25,6 @@ from trainer.config import ConfigError
 __all__ = ["Context", "StepResult", "run_pipeline", "resolve_shard", "step_directory"]
 
 logger = logging.getLogger(__name__)
-
-FailureHook = Callable[[str], None]
-"""Called with a checkpoint name (e.g. ``write:part-00001``) at points where a crash must be survivable; tests
-raise from it to simulate one."""
-
-SHARDED_STEPS = ("embed", "write")
-_DIRECTORIES = {"embed": "embed", "dedup": "dedup", "retrieve": "retrieve", "balance": "balance", "write": "dataset"}
-
-
-def step_directory(root: str | Path, step: str) -> Path:
-    """Where a step's output and done marker live (``write`` produces the MDS dataset in ``dataset/``)."""
-    return Path(root) / _DIRECTORIES[step]
-
-
-@dataclass(kw_only=True)
-class Context:
-    """What a step needs: the spec, the output root, progress, the crash hook and this worker's shard."""
-
-    spec: CurationSpec
-    reporter: Reporter = field(default_factory=Reporter)
-    failure_hook: FailureHook | None = None
-    shard_index: int | None = None
-    """Only this shard of the sharded steps (None: all shards, one after the other)."""
-    hashes: dict[str, str] = field(default_factory=dict)
-    """Hash of every step whose inputs are known (filled in step order)."""
-
-    @property
-    def root(self) -> Path:
-        return Path(self.spec.output)
-
-    def checkpoint(self, name: str) -> None:
-        """A point where the process may die; the hook lets tests make it die there."""
-        if self.failure_hook is not None:
-            self.failure_hook(name)
-
-    def shards(self, num_shards: int, field_name: str) -> range:
-        """The shard numbers this worker computes."""
-        if self.shard_index is None:
-            return range(num_shards)
-        if self.shard_index >= num_shards:
-            raise ConfigError("--shard-index", self.shard_index, f"0 <= index < {field_name} ({num_shards})")
-        return range(self.shard_index, self.shard_index + 1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,9 +63,7 @@ def _select_steps(steps: Sequence[str] | None, shard_index: int | None) -> list[
 
 def step_hash(context: Context, name: str) -> str:
     """The hash a step's marker must hold: its config, the seed and its inputs' hashes."""
-    from curation import steps
-
-    return hash_json({"step": name, "seed": context.spec.seed, "inputs": steps.STEP_INPUTS[name](context)})
+    return hash_json({"step": name, "seed": context.spec.seed, "inputs": step_impls.STEP_INPUTS[name](context)})
 
 
 def run_pipeline(
@@ -121,8 +78,6 @@ def run_pipeline(
 
     A step whose upstream step is not committed raises RuntimeError naming the missing step.
     """
-    from curation import steps as step_impls
-
     context = Context(spec=spec, reporter=reporter or Reporter(), failure_hook=failure_hook, shard_index=shard_index)
     context.root.mkdir(parents=True, exist_ok=True)
     results = []

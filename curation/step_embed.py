@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from curation.config import SourceConfig
+from curation.context import Context, step_directory
 from curation.embedders import Embedder, build_embedder
-from curation.pipeline import Context, step_directory
 from curation.sources import open_source, shard_range, source_fingerprint
 from curation.storage import (
     EmbeddingShard,

@@ -14,8 +14,8 @@ import numpy as np
 
 from curation.balance import balanced_sample, hierarchical_kmeans
 from curation.config import SourceConfig
+from curation.context import Context, step_directory
 from curation.dedup import deduplicate
-from curation.pipeline import Context, step_directory
 from curation.retrieve import cluster_retrieval, fit_pool_clusters, sample_retrieval
 from curation.step_embed import load_pool, load_source_embeddings
 from curation.storage import atomic_save_npy, replace_directory, write_marker

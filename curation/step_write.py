@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from curation.pipeline import Context, step_directory
+from curation.context import Context, step_directory
 from curation.sources import ImageSource, open_source
 from curation.step_embed import PoolTable, load_pool, load_source_embeddings
 from curation.step_select import load_array

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from curation.pipeline import Context
+from curation.context import Context
 from curation.step_embed import embed_inputs, run_embed
 from curation.step_select import run_balance, run_dedup, run_retrieve, selection_inputs
 from curation.step_write import run_write, write_inputs

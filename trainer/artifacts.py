@@ -12,6 +12,7 @@ promoted checkpoint) or one ``ckpt-*`` directory, and returns the backbone with 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -20,8 +21,10 @@ from typing import Literal
 import fsspec
 import torch
 import torch.nn as nn
+import yaml
 
 from trainer import layout
+from trainer.checkpoint import load_model_weights
 from trainer.config import ModelConfig, model_config_from_dict
 from trainer.models import build_backbone
 from trainer.models.checkpoint_io import export_backbone_state_dict
@@ -53,8 +56,6 @@ def export_backbone(model: nn.Module, model_config: ModelConfig, directory: str,
     }
     for name, data in payloads.items():
         _atomic_write(fs, f"{root}/{name}", data)
-    import io
-
     buffer = io.BytesIO()
     torch.save(state_dict, buffer)
     _atomic_write(fs, f"{root}/backbone.pth", buffer.getvalue())
@@ -76,8 +77,6 @@ def read_model_config(path: str) -> ModelConfig:
     if path.endswith(".json"):
         data = json.loads(text)
     else:
-        import yaml
-
         data = yaml.safe_load(text)["model"]
     return model_config_from_dict(data)
 
@@ -113,8 +112,6 @@ def load_backbone(
 def _load_from_training_checkpoint(
     source: str, stage_dir: str, network: Network, model: ModelConfig | None
 ) -> tuple[nn.Module, ModelConfig]:
-    from trainer.checkpoint import load_model_weights
-
     stage_config = layout.read_stage_config(stage_dir)
     if network == "final":
         network = "student_ema" if stage_config.stage.kind == "distill" else "teacher"

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from trainer.data.eval_data import build_eval_dataset
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -158,8 +160,6 @@ def labelled_batches(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Resize + centre-crop + normalise a labelled MDS dataset or image folder into in-memory batches."""
     from torch.utils.data import DataLoader, Subset
-
-    from trainer.data.eval_data import build_eval_dataset
 
     dataset = build_eval_dataset(path, image_size=image_size)
     if limit is not None and limit < len(dataset):

@@ -29,6 +29,7 @@ from trainer.losses.centering import SoftmaxCenter, sinkhorn_knopp
 from trainer.losses.dino import dino_cross_entropy
 from trainer.losses.ibot import ibot_masked_loss
 from trainer.losses.koleo import koleo_loss
+from trainer.masking import mask_weights_and_indices
 from trainer.models import DINOHead, build_backbone
 from trainer.optim import build_optimizer, clip_grad_norms, ema_update, set_schedules
 from trainer.schedules import Schedules
@@ -224,8 +225,6 @@ def split_batch(batch: dict[str, Any], num_chunks: int) -> list[dict[str, Any]]:
     """Split a crop-major batch into ``num_chunks`` micro-batches (gradient accumulation), keeping crop-major order."""
     if num_chunks == 1:
         return [batch]
-    from trainer.masking import mask_weights_and_indices
-
     batch_size = len(batch["sample_ids"])
     if batch_size % num_chunks:
         raise ValueError(f"per-rank batch {batch_size} is not divisible into {num_chunks} micro-batches")

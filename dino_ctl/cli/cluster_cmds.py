@@ -23,6 +23,9 @@ from dino_ctl.cli.output import (
     yaml_stream,
 )
 from dino_ctl.errors import DinoCtlError, SpecError, SpecErrors
+from dino_ctl.kube import KubeClient
+from dino_ctl.naming import LABEL_EXPERIMENT, LABEL_STAGE
+from dino_ctl.observe import LABEL_ATTEMPT, observe
 
 __all__ = ["register"]
 
@@ -39,8 +42,6 @@ ForceConflictsOption = Annotated[bool, typer.Option(
 
 
 def _client(context: str | None, output: OutputFormat, *, force_conflicts: bool = False) -> Any:
-    from dino_ctl.kube import KubeClient
-
     try:
         return KubeClient.from_kubeconfig(context=context, force_conflicts=force_conflicts)
     except DinoCtlError as exc:
@@ -82,7 +83,6 @@ def _print_pass(experiment: Any, result: Any, output: OutputFormat) -> None:
 
 def _print_dry_run(experiment: Any, output: OutputFormat) -> None:
     """What a submission would apply now: the record, then each stage the planner starts first."""
-    from dino_ctl.observe import observe
     from dino_ctl.plan import ActionKind, plan
     from dino_ctl.render import render_stage
     from dino_ctl.render.common import render_experiment_record
@@ -168,9 +168,6 @@ def logs(
     context: ContextOption = None,
 ) -> None:
     """Print the trainer log of a stage's pods of the current attempt."""
-    from dino_ctl.naming import LABEL_EXPERIMENT, LABEL_STAGE
-    from dino_ctl.observe import LABEL_ATTEMPT
-
     output = OutputFormat.TEXT
     client = _client(context, output)
     experiment = _load(client, name, namespace, output)

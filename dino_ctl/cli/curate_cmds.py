@@ -7,10 +7,9 @@ Kubernetes Jobs that :func:`curation.kube.render_curation_jobs` renders.
 from __future__ import annotations
 
 import typer
+from curation.cli import register as register_curate
 
 
 def register(app: typer.Typer) -> None:
     """Add ``curate`` to the ``dino-ctl`` application."""
-    from curation.cli import register as register_curate
-
     register_curate(app)

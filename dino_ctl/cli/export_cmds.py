@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from trainer.config import ARCHS, ModelConfig
 
 from dino_ctl.cli.output import OutputFormat, OutputOption
 
@@ -48,7 +49,6 @@ def import_released(
 ) -> None:
     """Import a released DINOv2 backbone (strict key match) into an export directory usable by eval and curation."""
     from trainer.artifacts import export_backbone
-    from trainer.config import ARCHS, ModelConfig
     from trainer.models import build_backbone
 
     if arch not in ARCHS:

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from trainer.layout import PREEMPTED_EXIT_CODE, write_stage_config
 
+from dino_ctl.cli.eval_cmds import run_eval
 from dino_ctl.cli.output import OutputFormat, OutputOption
 from dino_ctl.errors import SpecError, SpecErrors
 from dino_ctl.local import LocalStageResult, read_log_records, run_stage
@@ -166,8 +167,6 @@ def run(
     evaluation = getattr(spec_obj, "evaluation", None)
     knn = None
     if evaluate and evaluation is not None:
-        from dino_ctl.cli.eval_cmds import run_eval
-
         _prepare_missing(evaluation.prepare_train, evaluation.train)
         _prepare_missing(evaluation.prepare_test, evaluation.test)
         result = run_eval("knn", str(final_dir), evaluation.train, evaluation.test,

@@ -16,7 +16,9 @@ from trainer import layout
 
 from dino_ctl.observe import RestartCounts
 from dino_ctl.render.common import render_stage_config_map
+from dino_ctl.render.monitoring import render_experiment_monitoring
 from dino_ctl.render.pytorchjob import render_pytorchjob
+from dino_ctl.render.torchx import render_torchx_local, render_volcano_job
 from dino_ctl.render.trainjob import render_cluster_training_runtime, render_trainjob
 from dino_ctl.spec import DinoExperiment
 from dino_ctl.stages import resolve_experiment
@@ -44,8 +46,6 @@ def render_job(
     if chosen == "trainjob":
         return render_trainjob(experiment, stage, config, attempt=attempt)
     if chosen == "torchx":
-        from dino_ctl.render.torchx import render_torchx_local, render_volcano_job
-
         if experiment.spec.torchx.scheduler == "local_cwd":
             # local_cwd runs on this machine: the trainer reads the file ``dino-ctl run`` writes beside the checkpoints
             path = layout.join(resolved.checkpoint_dir, layout.CONFIG_FILE)
@@ -81,8 +81,6 @@ def render(experiment: DinoExperiment, *, backend: str | None = None, stage: str
     monitoring = experiment.spec.monitoring
     on_this_machine = chosen == "torchx" and experiment.spec.torchx.scheduler == "local_cwd"
     if monitoring.pod_monitor and not on_this_machine:
-        from dino_ctl.render.monitoring import render_experiment_monitoring
-
         release = {"release": monitoring.release} if monitoring.release else None
         objects.extend(
             render_experiment_monitoring(

@@ -29,7 +29,15 @@ import torch
 from PIL import Image
 
 from trainer.config import ConfigError, CropConfig
-from trainer.data.colour import NUM_JITTER_OPS, ColourParams, apply_colour_ops, normalize_, uint8_to_float
+from trainer.data.colour import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NUM_JITTER_OPS,
+    ColourParams,
+    apply_colour_ops,
+    normalize_,
+    uint8_to_float,
+)
 
 __all__ = [
     "BLUR_PROBABILITIES",
@@ -285,8 +293,6 @@ class _ReferencePipeline:
 
     def __init__(self, crops: CropConfig, blur_probabilities: tuple[float, float, float]) -> None:
         import torchvision.transforms as T
-
-        from trainer.data.colour import IMAGENET_MEAN, IMAGENET_STD
 
         def geometry(size: int, scale: tuple[float, float]) -> list:
             return [

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from trainer.config import TrainConfig, per_rank_batch
 from trainer.data.collate import MultiCropCollate, finish_deferred_colour
+from trainer.data.dataset import build_streaming_dataset
 from trainer.data.synthetic import SyntheticDataset, synthetic_image_size
 from trainer.data.workers import worker_init
 
@@ -235,8 +236,6 @@ def build_train_loader(
             seed=seed,
         )
         return TrainLoader(dataset=dataset, order=None, **common)
-
-    from trainer.data.dataset import build_streaming_dataset
 
     sync_world_env(rank=rank, world_size=world_size, local_rank=local_rank, local_world_size=local_world_size)
     if clean_stale_shm:
