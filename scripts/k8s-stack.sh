@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the real Kubernetes control plane the cluster tests run against, from the Go module proxy:
 # etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kubectl of one pinned release
-# (tests/k8s/go.mod pins k8s.io/kubernetes and every staging module to the matching v0.x).
+# (tests/k8s/go.mod pins k8s.io/kubernetes and every staging module to the matching v0.x), then kwok (fake nodes)
+# and the Kubeflow training-operator (PyTorchJob controller) at pinned versions, and the upstream CRDs.
 #
 # Binaries go to a cache outside the repository keyed by version ($DINO_CTL_K8S_CACHE, default
 # ~/.cache/dino-ctl/k8s); a warm run finds them there and returns in seconds. A piece that cannot be built is
@@ -85,6 +86,30 @@ for name in "${ORDER[@]}"; do
     tail -20 "$BIN_DIR/$name.log" >&2
     failed+=("$name")
   fi
+done
+
+# Components with no replace lines are `go install`ed at a pinned version, each into a file named by it.
+KWOK_VERSION=v0.8.0
+TRAINING_OPERATOR_VERSION=v1.9.3
+INSTALLS=(
+  "kwok-$KWOK_VERSION sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
+  "training-operator-$TRAINING_OPERATOR_VERSION github.com/kubeflow/training-operator/cmd/training-operator.v1@$TRAINING_OPERATOR_VERSION"
+)
+for install in "${INSTALLS[@]}"; do
+  read -r name package <<<"$install"
+  [[ -x "$BIN_DIR/$name" ]] && continue
+  echo "k8s-stack: building $name ($package)" >&2
+  start=$SECONDS
+  gobin=$(mktemp -d)
+  if GOBIN="$gobin" CGO_ENABLED=0 go install -trimpath -ldflags "-s -w" "$package" 2>"$BIN_DIR/$name.log"; then
+    mv "$gobin"/* "$BIN_DIR/$name" && rm -f "$BIN_DIR/$name.log"
+    echo "k8s-stack: $name built in $((SECONDS - start)) s" >&2
+  else
+    echo "k8s-stack: FAILED to build $name from $package:" >&2
+    tail -20 "$BIN_DIR/$name.log" >&2
+    failed+=("$name")
+  fi
+  rm -rf "$gobin"
 done
 
 if [[ ! -d "$CRD_DIR" ]]; then
