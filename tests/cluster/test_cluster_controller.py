@@ -187,6 +187,8 @@ def test_controller_reconciles_as_the_chart_service_account(
     wait_for(lambda: not owned_objects(kube, uid), what="the garbage collector to delete every child")
     assert kube.list(*JOB) == [] and kube.list("v1", "ConfigMap", selector="dino-ctl.io/experiment=demo") == []
     assert metric(controller, 'dino_ctl_experiments{phase="Running"}') == 0
+    logs = controller.logs()
+    assert "Failed to post an event" not in logs and "HTTP 403" not in logs and "Forbidden" not in logs
 
 
 def test_the_chart_role_is_all_the_controller_may_do(identity: ChartIdentity, admin_api: Any,
@@ -371,3 +373,35 @@ def test_what_only_dino_ctl_knows_is_invalid_once_and_not_retried(
     assert kubectl_apply(kube_stack, kubeconfig_for(namespace), good, tmp_path).returncode == 0
     wait_for(lambda: stage_status(kube, "pretrain").get("job"), what="the fixed experiment to be submitted")
     assert not [c for c in status_of(kube)["conditions"] if c["type"] == "Invalid" and c["status"] == "True"]
+
+
+def test_owned_children_need_the_finalizers_rule(identity: ChartIdentity, dynamic: Any, admin_api: Any,
+                                                 kube: KubeClient, namespace: str, kubeconfig_for: Any) -> None:
+    """The one rule no request of the controller names: without it, no child may block its owner's deletion."""
+    from kubernetes import client
+
+    owner = kube.apply(experiment_document(namespace))
+    reference = {"apiVersion": "dino-ctl.io/v1alpha1", "kind": "DinoExperiment", "name": "demo",
+                 "uid": owner["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+    child = {"apiVersion": "v1", "kind": "ConfigMap",
+             "metadata": {"name": "demo-pretrain-config", "ownerReferences": [reference]}}
+    rbac = client.RbacAuthorizationV1Api(admin_api)
+    role = identity.role
+    rules = [r for r in role["rules"] if r["resources"] != ["dinoexperiments/finalizers"]]
+    assert len(rules) == len(role["rules"]) - 1
+    rbac.patch_namespaced_role(role["metadata"]["name"], namespace, {"rules": rules})
+    sa = KubeClient(identity.api_client(), namespace=namespace)
+    with pytest.raises(KubeError, match="HTTP 403: .*cannot set blockOwnerDeletion") as refused:
+        sa.apply(child)
+    assert refused.value.status == 403
+    rbac.patch_namespaced_role(role["metadata"]["name"], namespace, {"rules": role["rules"]})
+    wait_for(lambda: _applies(sa, child), what="the restored Role to allow the owned child")
+
+
+def _applies(client: KubeClient, obj: dict[str, Any]) -> bool:
+    try:
+        return bool(client.apply(obj))
+    except KubeError as exc:
+        if exc.status != 403:
+            raise
+        return False
