@@ -198,7 +198,9 @@ class KubeStack:
             f"--service-account-key-file={pki / 'sa.pub'}", f"--service-account-signing-key-file={pki / 'sa.key'}",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             "--api-audiences=https://kubernetes.default.svc.cluster.local",
-            # The default admission chain (PodSecurity and ServiceAccount included) stays on.
+            # The default admission chain (PodSecurity and ServiceAccount included) stays on, plus what hardened
+            # clusters add: setting blockOwnerDeletion needs `update` on the owner's finalizers.
+            "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
             "--allow-privileged=true", "--profiling=false", "--watch-cache=true",
             "--endpoint-reconciler-type=none", "--v=1",
         ])
