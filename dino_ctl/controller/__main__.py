@@ -18,7 +18,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m dino_ctl.controller", description=__doc__)
     parser.add_argument("--namespace", action="append", dest="namespaces", default=[], metavar="NS",
                         help="namespace to reconcile DinoExperiments in (repeat for several; required)")
-    parser.add_argument("--bind-address", default="0.0.0.0",  # noqa: S104 (a pod's probes and scrapes come from outside)
+    # A pod's probes and scrapes come from outside it: all interfaces by default.
+    parser.add_argument("--bind-address", default="0.0.0.0",  # noqa: S104
                         help="address the health and metrics endpoints listen on (127.0.0.1: this machine only)")
     parser.add_argument("--health-port", type=int, default=8080, help="kopf health endpoint port (/healthz)")
     parser.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0 disables)")

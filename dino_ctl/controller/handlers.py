@@ -61,7 +61,7 @@ def _plain(value: Any) -> Any:
 
 @dataclass(frozen=True, kw_only=True)
 class Outcome:
-    """What one reconcile wants written back: the status, the events and, on failure, the error."""
+    """What one reconcile did: the status it wrote, the events to post and, on failure, the error."""
 
     status: dict[str, Any]
     events: list[Event] = field(default_factory=list)

@@ -253,7 +253,8 @@ def test_a_controller_killed_mid_reconcile_creates_nothing_twice(
             wait_for(lambda: "ConfigMap/kube-root-ca.crt" in recorder.added, what="the watches to start")
             probe = {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": {"name": "probe"},
                      "spec": {"pytorchReplicaSpecs": {}}}
-            wait_for(lambda: kube.apply(probe, dry_run=True) and gate.requests, what="the admission webhook to be active")
+            wait_for(lambda: kube.apply(probe, dry_run=True) and gate.requests,
+                     what="the admission webhook to be active")
 
             process.start()
             uid = kube.apply(experiment_document(namespace))["metadata"]["uid"]
@@ -310,8 +311,9 @@ def kubectl_apply(stack: Any, kubeconfig: Path, document: dict[str, Any], tmp_pa
 
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("backend", "slurm", 'spec.backend: Unsupported value: "slurm": supported values: "pytorchjob", "trainjob"'),
-    ("storage", {"checkpoints": "/local/disk"}, 'spec.storage.checkpoints: Invalid value: "/local/disk": '
-                                                "spec.storage.checkpoints in body should match '^(s3|gs|file|pvc)://.+$'"),
+    ("storage", {"checkpoints": "/local/disk"},
+     'spec.storage.checkpoints: Invalid value: "/local/disk": '
+     "spec.storage.checkpoints in body should match '^(s3|gs|file|pvc)://.+$'"),
     ("stages", [], "spec.stages: Invalid value: 0: spec.stages in body should have at least 1 items"),
 ], ids=["enum", "pattern", "minItems"])
 def test_the_crd_schema_refuses_what_it_can_express(
