@@ -12,7 +12,8 @@ Rules, per stage, in the stage graph's order:
   touching the failure budget (each has its own optional cap); a genuine failure is counted against
   ``failureBudget.failure``. Within budget -> ``DELETE`` (recording the new counts), then ``SUBMIT`` on the next pass;
   over budget -> ``FAIL_STAGE`` (the failed job is kept for inspection).
-- cancel requested -> ``DELETE`` every job, submit nothing.
+- cancel requested -> ``DELETE`` every unfinished (pending or running) job, submit nothing; succeeded and failed
+  jobs stay, so ``resume`` continues from the stage that was stopped.
 - every stage succeeded -> ``COMPLETE``.
 """
 
@@ -125,10 +126,12 @@ def plan(spec: DinoExperiment, observed: Observed, *, retry_failed: bool = False
     """
     stages = [observed.stage(name) for name in resolve_experiment(spec).order]
     if observed.cancel_requested:
+        # Only unfinished jobs stop: a succeeded job is the record that its stage is done (resume must not run it
+        # again) and a failed one is kept for inspection.
         return [
             Action(kind=ActionKind.DELETE, stage=obs.stage, reason="cancel", message="cancel requested")
             for obs in stages
-            if obs.phase not in (JobPhase.ABSENT, JobPhase.DELETING)
+            if obs.phase in (JobPhase.PENDING, JobPhase.RUNNING)
         ]
     if all(obs.phase == JobPhase.SUCCEEDED for obs in stages):
         return [Action(kind=ActionKind.COMPLETE, message=f"all {len(stages)} stages succeeded")]

@@ -132,7 +132,7 @@ def load_experiment(client: KubeClient, name: str, *, namespace: str | None = No
 
 
 def set_cancel(client: KubeClient, experiment: DinoExperiment, *, cancel: bool) -> None:
-    """Set (or clear) the cancel request on the experiment record; the next pass deletes every job."""
+    """Set (or clear) the cancel request on the experiment record; the next pass deletes every unfinished job."""
     record = render_experiment_record(experiment)
     client.apply(
         {"apiVersion": "v1", "kind": "ConfigMap",

@@ -124,14 +124,15 @@ def test_zero_failure_budget_fails_at_once() -> None:
     assert action.kind == ActionKind.FAIL_STAGE
 
 
-def test_cancel_deletes_every_job_and_starts_nothing() -> None:
+def test_cancel_stops_unfinished_jobs_keeps_finished_ones_and_starts_nothing() -> None:
     exp = experiment()
     record = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
         "name": "demo-experiment", "labels": {"dino-ctl.io/experiment": "demo"},
         "annotations": {"dino-ctl.io/cancel-requested": "true"}}}
     observed = observe([*_succeeded("pretrain"), *json.loads(json.dumps(recorded("pretrain_running")).replace(
         '"pretrain"', '"highres"')), record], experiment="demo")
-    assert _kinds(plan(exp, observed)) == [("delete", "pretrain", "cancel"), ("delete", "highres", "cancel")]
+    # The succeeded pretrain job stays: it records that the stage is done, so resume starts at highres.
+    assert _kinds(plan(exp, observed)) == [("delete", "highres", "cancel")]
     assert experiment_phase(exp, observed) == ExperimentPhase.CANCELLED
     assert plan(exp, observe([record], experiment="demo")) == []  # nothing left to delete, nothing started
 
