@@ -36,7 +36,7 @@ from trainer.schedules import Schedules
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteLossError", "SSLModels", "build_models", "compute_losses", "split_batch", "TrainStep"]
+__all__ = ["NonFiniteLossError", "SSLModels", "TrainStep", "build_centers", "build_models", "compute_losses", "split_batch"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -99,7 +99,12 @@ def build_models(config: TrainConfig, *, teacher_model: ModelConfig | None = Non
     if student_ema is not None:
         for param in student_ema.parameters():
             param.requires_grad_(False)
-    centers = nn.ModuleDict(
+    return SSLModels(student=student, teacher=teacher, centers=build_centers(config), student_ema=student_ema)
+
+
+def build_centers(config: TrainConfig) -> nn.ModuleDict:
+    """The softmax centering state of the DINO and iBOT targets (buffers only; unused with Sinkhorn-Knopp)."""
+    return nn.ModuleDict(
         {
             "dino": SoftmaxCenter(config.heads.dino_prototypes, momentum=config.loss.center_momentum),
             "ibot": SoftmaxCenter(
@@ -108,7 +113,6 @@ def build_models(config: TrainConfig, *, teacher_model: ModelConfig | None = Non
             ),
         }
     )
-    return SSLModels(student=student, teacher=teacher, centers=centers, student_ema=student_ema)
 
 
 def _ibot_head(net: nn.ModuleDict) -> nn.Module:

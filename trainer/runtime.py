@@ -1,12 +1,14 @@
 """Everything one training process holds: models, optimiser, loader, checkpoints, metrics, and stage initialisation.
 
 :func:`trainer.train.train` drives it; this class keeps the loop there short. Order of construction follows
-torchtitan: build single-device models, parallelise (activation checkpointing -> compile -> FSDP2), then the optimiser
-over the sharded parameters, then resume from the newest complete checkpoint (or initialise the stage).
+torchtitan: build single-device models (on the meta device when FSDP2 shards them on GPUs, see
+:func:`build_training_models`), parallelise (activation checkpointing -> compile -> FSDP2), materialise, then the
+optimiser over the sharded parameters, then resume from the newest complete checkpoint (or initialise the stage).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -27,14 +29,51 @@ from trainer.data.loader import build_train_loader
 from trainer.distributed import local_rank
 from trainer.metrics import JsonlLogger, TrainMetrics, format_console
 from trainer.models import interpolate_pos_embed, model_flops_per_image
-from trainer.parallelize import autocast_dtype, configure_cuda_matmul, parallelize
+from trainer.meta_arch import NonFiniteLossError, SSLModels, TrainStep, build_centers, build_models
+from trainer.parallelize import autocast_dtype, configure_cuda_matmul, materialize, parallelize, uses_fsdp
 from trainer.rng import RNGState
-from trainer.meta_arch import NonFiniteLossError, SSLModels, TrainStep, build_models
 
 logger = logging.getLogger(__name__)
 
 # dense bf16 peak FLOP/s by device name fragment, for MFU (H100 SXM 989 TF, A100 312 TF, H200 = H100 compute)
 _PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "A10": 125e12}
+
+
+def build_training_models(
+    config: TrainConfig,
+    *,
+    world_size: int,
+    device: torch.device,
+    teacher_model: ModelConfig | None = None,
+    on_meta: bool | None = None,
+) -> SSLModels:
+    """Student, teacher (and in distillation the student EMA) of one rank, parallelised on ``device``.
+
+    ``on_meta`` (default: FSDP2 on CUDA): the networks are built on the meta device, sharded, then materialised, so a
+    rank allocates only its shards and never holds a full unsharded copy (a ViT-g/14 student and teacher are about
+    9 GB in float32). The teacher (or the student EMA) then copies the student's initial weights shard by shard.
+    Otherwise they are built whole on the host and then parallelised: one rank has nothing to shard, and on CPU meshes
+    DTensor's random initialisation draws the same values on every rank, so the host build also keeps the initial
+    weights equal across world sizes.
+    """
+    parallel = config.parallel
+    if on_meta is None:
+        on_meta = uses_fsdp(parallel, world_size=world_size) and device.type == "cuda"
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        models = build_models(config, teacher_model=teacher_model)
+    if on_meta:
+        models.centers = build_centers(config)  # buffers, used as built: not re-initialised by materialize
+    networks = {"student": (models.student, False), "teacher": (models.teacher, True),
+                "student_ema": (models.student_ema, True)}
+    for name, (network, is_teacher) in networks.items():
+        if network is not None:
+            network = parallelize(network, parallel, world_size=world_size, device=device, is_teacher=is_teacher)
+            setattr(models, name, materialize(network, device) if on_meta else network)
+    if on_meta:  # the copy of the student that build_models made on the meta device holds no values yet
+        copy = models.student_ema if models.distill else models.teacher
+        copy.load_state_dict(models.student.state_dict())
+    models.centers.to(device)
+    return models
 
 
 def _peak_flops(device: torch.device) -> float | None:
@@ -52,9 +91,9 @@ class Runtime:
         torch.manual_seed(config.seed)  # identical init on every rank; per-rank streams are seeded after
         if device.type == "cuda":
             configure_cuda_matmul(config.parallel)
-        teacher_model = self._teacher_model_config()
-        self.models = build_models(config, teacher_model=teacher_model)
-        self._parallelize()
+        self.models = build_training_models(
+            config, world_size=world_size, device=device, teacher_model=self._teacher_model_config()
+        )
         num_micro, _ = micro_batches(config, world_size)
         self.train_step = TrainStep(
             self.models, config, num_micro_batches=num_micro,
@@ -89,18 +128,6 @@ class Runtime:
         if stage.teacher_model is not None:
             return stage.teacher_model
         return layout.read_stage_config(stage.teacher_from).model
-
-    def _parallelize(self) -> None:
-        cfg, models = self.config.parallel, self.models
-        models.student = parallelize(models.student, cfg, world_size=self.world_size, device=self.device)
-        models.teacher = parallelize(
-            models.teacher, cfg, world_size=self.world_size, device=self.device, is_teacher=True
-        )
-        if models.student_ema is not None:
-            models.student_ema = parallelize(
-                models.student_ema, cfg, world_size=self.world_size, device=self.device, is_teacher=True
-            )
-        models.centers.to(self.device)
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint holds (models, optimiser, centers, loader position, RNG)."""
