@@ -212,6 +212,11 @@ def _pod_findings(pod: Mapping[str, Any]) -> tuple[list[int], list[str]]:
         for c in status.get("conditions") or []
         if c.get("type") == "DisruptionTarget" and c.get("status") == "True"
     ]
+    if _meta(pod).get("deletionTimestamp") and not evictions:
+        # Deleted, not disrupted: the training-operator's cleanPodPolicy stops a failed job's other workers (their
+        # SIGTERM checkpoint ends in 143), as does the job's own deletion. That exit says nothing about why the job
+        # ended; counting it would turn a genuine failure (exit 1) into a preemption that spends no budget.
+        codes = []
     return codes, evictions
 
 
