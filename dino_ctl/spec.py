@@ -399,6 +399,13 @@ class DinoExperiment(SpecModel):
     _resolved: Any = PrivateAttr(default=None)
     """Memo of :func:`dino_ctl.stages.resolve_experiment` (the document is immutable, so it is resolved once)."""
 
+    def __eq__(self, other: object) -> bool:
+        """Equal documents are equal experiments, resolved or not (the memo takes no part; pydantic's own ``==``
+        compares private attributes too)."""
+        if not isinstance(other, DinoExperiment):
+            return NotImplemented
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
     @property
     def name(self) -> str:
         """``metadata.name``."""

@@ -153,3 +153,13 @@ def test_a_copied_document_is_resolved_again() -> None:
     copy = exp.model_copy(update={"spec": exp.spec.model_copy(update={"seed": 8})})
     assert resolve_experiment(exp).config("pretrain").seed == 7
     assert resolve_experiment(copy).config("pretrain").seed == 8
+
+
+def test_resolving_a_document_does_not_change_what_it_equals() -> None:
+    from dino_ctl.spec import parse_spec
+    from dino_ctl.stages import resolve_experiment
+    from tests.dino_ctl.spec_helpers import document
+
+    resolved, other, fresh = experiment(), experiment(), parse_spec(document())
+    resolve_experiment(resolved), resolve_experiment(other)
+    assert resolved == other and resolved == fresh and resolved != experiment(seed=3)
