@@ -146,7 +146,17 @@ def single_process_group():
 
 
 @pytest.fixture
-def reference_code(single_process_group):
+def one_thread():
+    # These CPU-sized steps gain nothing from a second thread, and where other jobs load the cores two threads spin
+    # against each other: one 12-step test took 38 s with 2 threads and 4 s with 1 at load 7 on 2 cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def reference_code(single_process_group, one_thread):
     with reference_training_code(torch.device("cpu")) as code:
         assert code.xformers == "stand-in"
         yield code
