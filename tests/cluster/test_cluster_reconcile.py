@@ -97,7 +97,7 @@ def test_resume_on_another_machine_advances_the_chain(client: KubeClient, admin_
     # The first CLI is gone; a fresh client reads the spec back from the cluster.
     other = KubeClient(config.new_client_from_config(config_file=str(kubeconfig_for(namespace))), namespace=namespace)
     recorded = reconcile.load_experiment(other, "demo")
-    assert recorded.to_document() == _experiment(namespace).to_document()
+    assert recorded == _experiment(namespace)
     result = reconcile.reconcile_once(other, recorded)
     assert [(a.kind, a.stage) for a in result.actions] == [(ActionKind.SUBMIT, "highres")]
     config_yaml = client.get("v1", "ConfigMap", "demo-highres-config")["data"]["config.yaml"]
