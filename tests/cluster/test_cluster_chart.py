@@ -38,9 +38,22 @@ def _label_restricted(admin_api: Any, namespace: str) -> None:
     client.CoreV1Api(admin_api).patch_namespace(namespace, {"metadata": {"labels": POD_SECURITY_LABELS}})
 
 
-def test_plain_manifests_install_into_a_restricted_namespace(dynamic: Any, admin_api: Any, crds: dict) -> None:
+@pytest.fixture
+def cluster_scoped_cleanup(dynamic: Any) -> Any:
+    """Deletes the cluster-scoped objects a test installed (other tests share the cluster)."""
+    installed: list[dict[str, Any]] = []
+    yield installed
+    for obj in installed:
+        if obj["kind"] not in ("CustomResourceDefinition",):  # CRDs are shared by the session (the crds fixture)
+            dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"]).delete(name=obj["metadata"]["name"])
+
+
+def test_plain_manifests_install_into_a_restricted_namespace(dynamic: Any, admin_api: Any, crds: dict,
+                                                             cluster_scoped_cleanup: list) -> None:
     applied = []
     for obj in _kustomization_objects():
+        if dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"]).namespaced is False:
+            cluster_scoped_cleanup.append(obj)
         live, warnings = server_side_apply(dynamic, obj)
         assert warnings == [], (obj["kind"], obj["metadata"]["name"], warnings)
         applied.append((live["kind"], live["metadata"]["name"]))

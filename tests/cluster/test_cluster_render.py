@@ -44,8 +44,10 @@ def test_rendered_objects_pass_a_server_side_dry_run(kube: KubeClient, crds: dic
     objects = listing["items"]
     assert objects
     for obj in objects:
-        meta = {key: value for key, value in obj["metadata"].items() if key != "namespace"}
-        kube.apply({**obj, "metadata": meta}, dry_run=True)  # into the test's namespace
+        meta = {key: value for key, value in obj["metadata"].items() if key != "namespace"}  # the test's namespace
+        if obj["kind"] == "ClusterTrainingRuntime":  # cluster-scoped: keep clear of one another test installed
+            meta["name"] = f"{meta['name']}-{kube.namespace}"[:253]
+        kube.apply({**obj, "metadata": meta}, dry_run=True)
     assert kube.warnings == []  # no field the server would prune, nothing deprecated
     assert not [o for o in kube.list("v1", "ConfigMap") if o["metadata"]["name"] != "kube-root-ca.crt"]  # dry run
 
