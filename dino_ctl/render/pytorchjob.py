@@ -81,9 +81,13 @@ def render_pytorchjob(
     }
     if spec.queue is not None:
         run_policy["suspend"] = True
+    container = trainer_container(experiment, stage, config, name="pytorch")
+    # The training-operator appends PYTHONUNBUFFERED=1 to every container of the pods it creates: ours would make it
+    # a duplicate env entry in every pod (the API server warns on each create).
+    container["env"] = [var for var in container["env"] if var["name"] != "PYTHONUNBUFFERED"]
     pod_spec = {
         **pod_spec_extras(experiment, config),
-        "containers": [trainer_container(experiment, stage, config, name="pytorch")],
+        "containers": [container],
         "volumes": trainer_volumes(experiment, stage),
     }
     template = {"metadata": {"labels": pod_labels(experiment, stage, attempt)}, "spec": pod_spec}

@@ -59,6 +59,8 @@ def test_submit_wait_runs_three_stages_through_the_operator_one_after_the_other(
             assert (owner["kind"], owner["name"], owner["controller"]) == ("PyTorchJob", job, True)
             assert pod["spec"]["restartPolicy"] == "Never"
             env = _env(pod)
+            names = [var["name"] for var in pod["spec"]["containers"][0]["env"]]
+            assert len(names) == len(set(names)), names  # the operator's own PYTHONUNBUFFERED is not repeated
             assert env["PET_NNODES"] == "2:2" and env["PET_RDZV_ENDPOINT"] == f"{job}-worker-0:23456"
             assert env["PET_NPROC_PER_NODE"] == "8" and env["PET_RDZV_BACKEND"] == "c10d"
             assert env["DINO_CTL_STAGE"] == stage
