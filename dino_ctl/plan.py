@@ -19,8 +19,9 @@ Rules, per stage, in the stage graph's order:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import ClassVar, Literal
 
 from dino_ctl.observe import JobPhase, Observed, Reason, RestartCounts, StageObservation, observe
 from dino_ctl.spec import DinoExperiment, FailureBudget
@@ -29,12 +30,16 @@ from dino_ctl.stages import resolve_experiment
 __all__ = [
     "Action",
     "ActionKind",
+    "Complete",
+    "DeleteJob",
     "ExperimentPhase",
+    "FailStage",
     "JobPhase",
     "Observed",
     "Reason",
     "RestartCounts",
     "StageObservation",
+    "SubmitStage",
     "experiment_phase",
     "observe",
     "plan",
@@ -62,17 +67,61 @@ class ExperimentPhase(StrEnum):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Action:
-    """One step for an executor (CLI or controller). Fields beyond ``kind`` are set where they apply."""
+class _ActionFields:
+    """What every action answers, so an executor reads any of them the same way; each kind below makes the fields
+    it needs required (``= field()``: a redeclared field would otherwise inherit the default)."""
 
-    kind: ActionKind
     stage: str | None = None
     reason: str = ""
-    """``start``, ``retry``, ``cancel`` or a :class:`Reason` value (why a job is deleted or resubmitted)."""
+    """``start``, ``resubmit``, ``retry``, ``cancel`` or a :class:`Reason` value (why a job goes or comes back)."""
     restarts: RestartCounts | None = None
     attempt: int = 0
     counted_job_uid: str | None = None
     message: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubmitStage(_ActionFields):
+    """Apply the stage's ConfigMap (carrying ``restarts`` and ``counted_job_uid``), then create its job."""
+
+    kind: ClassVar[ActionKind] = ActionKind.SUBMIT
+    stage: str = field()
+    reason: Literal["start", "resubmit"] = field()
+    restarts: RestartCounts = field()
+    """The counts the ConfigMap records (unchanged by a submission)."""
+    attempt: int = field()
+    """Number of this submission: every resubmission bumps one count, so the total numbers them (a pod label)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeleteJob(_ActionFields):
+    """Record ``restarts`` (and ``counted_job_uid``) on the stage ConfigMap when set, then delete the stage's job."""
+
+    kind: ClassVar[ActionKind] = ActionKind.DELETE
+    stage: str = field()
+    reason: str = field()
+    """``cancel`` (nothing counted), ``retry`` (a spent budget reset) or the :class:`Reason` counted."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FailStage(_ActionFields):
+    """The stage is over its budget: report it failed; dependents never start. The failed job is kept."""
+
+    kind: ClassVar[ActionKind] = ActionKind.FAIL_STAGE
+    stage: str = field()
+    reason: str = field()
+    restarts: RestartCounts = field()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Complete(_ActionFields):
+    """Every stage succeeded."""
+
+    kind: ClassVar[ActionKind] = ActionKind.COMPLETE
+
+
+Action = SubmitStage | DeleteJob | FailStage | Complete
+"""One step for an executor (CLI or controller): one type per :class:`ActionKind`, each with the fields it needs."""
 
 
 def _cap(budget: FailureBudget, reason: Reason) -> int | None:
@@ -96,13 +145,13 @@ def _failed_stage(spec: DinoExperiment, obs: StageObservation, *, retry_failed: 
     detail = f"{reason.value} (exit codes {codes}; evictions {','.join(obs.evictions) or 'none'})"
     if cap is not None and counts.get(reason) > cap:
         if retry_failed:
-            return Action(kind=ActionKind.DELETE, stage=obs.stage, reason="retry", counted_job_uid=obs.job_uid,
-                          restarts=replace(counts, **{reason.value: 0}),
-                          message=f"retrying after {detail}; {reason.value} count reset")
-        return Action(kind=ActionKind.FAIL_STAGE, stage=obs.stage, reason=reason.value, restarts=obs.restarts,
-                      message=f"{detail}: {reason.value} budget of {cap} spent")
-    return Action(kind=ActionKind.DELETE, stage=obs.stage, reason=reason.value, restarts=counts,
-                  counted_job_uid=obs.job_uid, message=f"{detail}; resubmitting from the latest checkpoint")
+            return DeleteJob(stage=obs.stage, reason="retry", counted_job_uid=obs.job_uid,
+                             restarts=replace(counts, **{reason.value: 0}),
+                             message=f"retrying after {detail}; {reason.value} count reset")
+        return FailStage(stage=obs.stage, reason=reason.value, restarts=obs.restarts,
+                         message=f"{detail}: {reason.value} budget of {cap} spent")
+    return DeleteJob(stage=obs.stage, reason=reason.value, restarts=counts, counted_job_uid=obs.job_uid,
+                     message=f"{detail}; resubmitting from the latest checkpoint")
 
 
 def _blocked(spec: DinoExperiment, observed: Observed, stage_name: str) -> str | None:
@@ -129,13 +178,15 @@ def plan(spec: DinoExperiment, observed: Observed, *, retry_failed: bool = False
         # Only unfinished jobs stop: a succeeded job is the record that its stage is done (resume must not run it
         # again) and a failed one is kept for inspection.
         return [
-            Action(kind=ActionKind.DELETE, stage=obs.stage, reason="cancel", message="cancel requested")
+            DeleteJob(stage=obs.stage, reason="cancel", message="cancel requested")
             for obs in stages
             if obs.phase in (JobPhase.PENDING, JobPhase.RUNNING)
         ]
     if all(obs.phase == JobPhase.SUCCEEDED for obs in stages):
-        return [Action(kind=ActionKind.COMPLETE, message=f"all {len(stages)} stages succeeded")]
-    deletes, submits, failures = [], [], []
+        return [Complete(message=f"all {len(stages)} stages succeeded")]
+    deletes: list[Action] = []
+    submits: list[Action] = []
+    failures: list[Action] = []
     for obs in stages:
         if obs.phase == JobPhase.FAILED:
             action = _failed_stage(spec, obs, retry_failed=retry_failed)
@@ -144,9 +195,9 @@ def plan(spec: DinoExperiment, observed: Observed, *, retry_failed: bool = False
             if _blocked(spec, observed, obs.stage) is None:
                 # Every resubmission bumps one count, so the total numbers the attempts (pods carry it as a label).
                 attempt = obs.restarts.total
-                submits.append(Action(kind=ActionKind.SUBMIT, stage=obs.stage, restarts=obs.restarts, attempt=attempt,
-                                      counted_job_uid=obs.counted_job_uid,
-                                      reason="start" if obs.restarts.total == 0 else "resubmit"))
+                submits.append(SubmitStage(stage=obs.stage, restarts=obs.restarts, attempt=attempt,
+                                           counted_job_uid=obs.counted_job_uid,
+                                           reason="start" if obs.restarts.total == 0 else "resubmit"))
     return [*deletes, *submits, *failures]
 
 

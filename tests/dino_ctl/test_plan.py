@@ -165,3 +165,24 @@ def _config_map(stage: str, restarts: RestartCounts, counted: str | None = None)
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
         "name": f"demo-{stage}-config", "annotations": annotations,
         "labels": {"dino-ctl.io/experiment": "demo", "dino-ctl.io/stage": stage}}}
+
+
+def test_each_kind_of_action_is_its_own_type_with_the_fields_it_needs() -> None:
+    import dataclasses
+
+    import pytest
+
+    from dino_ctl.plan import Complete, DeleteJob, FailStage, SubmitStage
+
+    kinds = {SubmitStage: ActionKind.SUBMIT, DeleteJob: ActionKind.DELETE, FailStage: ActionKind.FAIL_STAGE,
+             Complete: ActionKind.COMPLETE}
+    assert {cls.kind for cls in kinds} == set(ActionKind) and all(cls.kind == kind for cls, kind in kinds.items())
+    [submit] = plan(experiment(), observe([], experiment="demo"))
+    assert isinstance(submit, SubmitStage) and submit.kind == ActionKind.SUBMIT
+    with pytest.raises(TypeError, match="restarts"):
+        SubmitStage(stage="pretrain", reason="start", attempt=0)  # a submission always records its counts
+    with pytest.raises(TypeError, match="stage"):
+        DeleteJob(reason="cancel")
+    assert Complete(message="done").stage is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        submit.attempt = 3  # type: ignore[misc]
