@@ -12,7 +12,7 @@ and its own sqrt batch-scaling rule), its ``build_optimizer(cfg, SSLMetaArch.get
 ``optimizer.step()`` and ``update_teacher``. What it needs that a CPU (or this project's environment) lacks comes from
 stand-ins, installed by :func:`reference_training_code` only for the names that are missing:
 
-* xformers, which its training code requires (``tests/trainer/reference_standins.py``: block-diagonal attention
+* xformers, which its training code requires (``bench/reference_standins.py``: block-diagonal attention
   through PyTorch SDPA, ``scaled_index_add``, ``index_select_cat``); on CUDA a real xformers is used when installed;
 * fvcore and omegaconf, imported by ``dinov2.train`` but not used by a step (import-time stand-ins);
 * FSDP: ``do_train`` clips with each FSDP unit's ``clip_grad_norm_`` and ``update_teacher`` walks the FSDP units'
@@ -44,7 +44,6 @@ from trainer.meta_arch import SSLModels
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1] / ".venv" / "reference"
 REFERENCE_VERSION = "dinov2==0.0.1.dev2"
-STANDINS_PATH = Path(__file__).resolve().parents[1] / "tests" / "trainer" / "reference_standins.py"
 
 
 def import_reference(module: str = "dinov2") -> ModuleType:
@@ -104,13 +103,8 @@ def _importable(name: str) -> bool:
 
 
 def _standins() -> ModuleType:
-    """tests/trainer/reference_standins.py, by path (``tests`` is no package), under the name the tests import it by."""
-    if "reference_standins" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("reference_standins", STANDINS_PATH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["reference_standins"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["reference_standins"]
+    """bench/reference_standins.py (imported lazily: only the reference's own training step needs it)."""
+    return importlib.import_module("bench.reference_standins")
 
 
 @contextmanager

@@ -8,7 +8,7 @@ in the same process on the same batches, plus ``speedup_vs_unpacked``; and the p
 own training step (facebookresearch/dinov2 from PyPI: its ``SSLMetaArch.forward_backward`` with its packed list
 forward, its optimiser, schedules, clipping and teacher update; bench/reference_dinov2.py) from the same weights on
 the same batches, with ``speedup_vs_reference`` and ``memory_ratio_vs_reference`` (``--no-reference`` skips it).
-Without xformers (any CPU) its attention runs through the stand-in of tests/trainer/reference_standins.py
+Without xformers (any CPU) its attention runs through the stand-in of bench/reference_standins.py
 (PyTorch SDPA block by block); ``reference.student_forward`` says which. ``--profile N`` adds
 ``profile``: one more step of ours under ``torch.profiler``, its N costliest operators by self time (CUDA kernels on a
 GPU) with each one's share of the step. ``mfu`` counts the student backbone's matmul FLOPs only

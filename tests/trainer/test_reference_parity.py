@@ -6,7 +6,7 @@ iBOT masks, in the chunked block layout, with SwiGLU), heads, and whole training
 reference's own (bench/reference_dinov2.py ``ReferenceStep``): its ``SSLMetaArch.forward_backward`` with its packed
 list forward, its ``build_optimizer`` / ``build_schedulers`` / ``apply_optim_scheduler``, and its train loop's clip,
 step and ``update_teacher``, on batches from its own collate; xformers, which its training code requires, is the
-test-only stand-in of tests/trainer/reference_standins.py.
+stand-in of bench/reference_standins.py.
 
 Tolerances follow from float32 rounding, not from one machine's summation order. One operation rounds to 2^-24 ~
 6e-8 relative; a sum of n terms in another order (thread count, SIMD width, BLAS blocking, our packed forward against

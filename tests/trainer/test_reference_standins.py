@@ -1,11 +1,11 @@
-"""The test-only xformers stand-in (tests/trainer/reference_standins.py) computes what xformers' functions compute."""
+"""The test-only xformers stand-in (bench/reference_standins.py) computes what xformers' functions compute."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from reference_standins import (
+from bench.reference_standins import (
     BlockDiagonalMask, index_select_cat, memory_efficient_attention, modules, scaled_index_add,
 )
 

@@ -1,4 +1,4 @@
-"""Test-only stand-ins that let the reference's own training code (``dinov2.train``) import and run on a CPU.
+"""Stand-ins that let the reference's own training code (``dinov2.train``) import and run on a CPU (tests and bench).
 
 The reference (facebookresearch/dinov2 0.0.1.dev2) refuses to train without xformers, and its ``train`` package imports
 fvcore and omegaconf at module level. None of them is a dependency of this project. :func:`modules` returns what
@@ -160,7 +160,7 @@ class _OmegaConf:
 
 class _Unavailable:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError(f"{type(self).__name__}: an import-time stand-in (tests/trainer/reference_standins.py)")
+        raise NotImplementedError(f"{type(self).__name__}: an import-time stand-in (bench/reference_standins.py)")
 
 
 def _module(name: str, **attributes: Any) -> ModuleType:
