@@ -60,8 +60,8 @@ def test_prometheus_scrapes_the_controller(prometheus_server) -> None:  # noqa: 
 
 def test_entry_point_options() -> None:
     args = parse_args(["--namespace", "ml", "--namespace=research", "--interval", "15", "--read-checkpoints"])
-    assert (args.namespaces, args.interval, args.read_checkpoints, args.health_port) == (
-        ["ml", "research"], 15.0, True, 8080)
+    assert (args.namespaces, args.interval, args.read_checkpoints, args.health_port, args.workers) == (
+        ["ml", "research"], 15.0, True, 8080, 16)
 
 
 @pytest.mark.parametrize(
@@ -70,6 +70,7 @@ def test_entry_point_options() -> None:
         ([], "--namespace is required: the controller is namespaced"),
         (["--namespace", "ml", "--interval", "0.5"], "--interval 0.5: must be at least 1 second"),
         (["--namespace", "ml", "--log-level", "LOUD"], "invalid choice: 'LOUD'"),
+        (["--namespace", "ml", "--workers", "0"], "--workers 0: must be at least 1"),
     ],
 )
 def test_entry_point_rejects_bad_options(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
