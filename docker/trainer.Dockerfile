@@ -26,7 +26,9 @@ WORKDIR /opt/dino-ctl
 # Dependencies first, from the metadata and pins only, so their (large) layer survives source edits: empty packages
 # stand in for the sources, then the placeholder distribution is removed again.
 COPY pyproject.toml constraints.txt README.md ./
-# faiss-gpu replaces faiss-cpu (same module, never both): install the GPU extra, not the CPU one.
+# faiss-gpu replaces faiss-cpu (same module, never both): install the GPU extra, not the CPU one. It includes the
+# `storage` extra (s3fs for s3:// and S3-compatible endpoints, gcsfs for gs://): checkpoints, data and exports live
+# on object stores in every cluster example.
 RUN mkdir -p dino_ctl trainer curation \
  && touch dino_ctl/__init__.py trainer/__init__.py curation/__init__.py \
  && pip install -c constraints.txt ".[gpu]" \
@@ -37,7 +39,7 @@ COPY dino_ctl/ dino_ctl/
 COPY trainer/ trainer/
 COPY curation/ curation/
 RUN pip install --no-deps -c constraints.txt . \
- && python -c "import trainer.metric_names, dino_ctl.spec"
+ && python -c "import trainer.metric_names, dino_ctl.spec, s3fs, gcsfs, fsspec; fsspec.filesystem('s3')"
 
 # A fixed non-root uid: the pod's securityContext (runAsNonRoot) can check it.
 RUN groupadd --gid 1000 dino \

@@ -94,6 +94,7 @@ TRAINING_OPERATOR_VERSION=v1.9.3
 INSTALLS=(
   "kwok-$KWOK_VERSION sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
   "training-operator-$TRAINING_OPERATOR_VERSION github.com/kubeflow/training-operator/cmd/training-operator.v1@$TRAINING_OPERATOR_VERSION"
+  "versitygw-v1.8.0 github.com/versity/versitygw/cmd/versitygw@v1.8.0"   # S3 server of tests/storage (Apache-2.0)
 )
 for install in "${INSTALLS[@]}"; do
   read -r name package <<<"$install"

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from trainer import layout
+from trainer import layout, storage
 from trainer.checkpoint import load_model_weights
 from trainer.config import ModelConfig, model_config_from_dict
 from trainer.models import build_backbone
@@ -47,7 +47,8 @@ def export_backbone(model: nn.Module, model_config: ModelConfig, directory: str,
     if not write:
         return directory
     fs, root = fsspec.core.url_to_fs(directory)
-    fs.makedirs(root, exist_ok=True)
+    storage.check_reachable(directory)
+    storage.makedirs(fs, root)
     from safetensors.torch import save as save_safetensors
 
     payloads = {

@@ -20,6 +20,12 @@ makes resumes bit-exact.
 Publication: all ranks write into ``ckpt-XXXXXXXXX/``; after every rank finished (a barrier) rank 0 writes
 ``COMPLETE.json`` last (temp file + rename on a local filesystem, a single PUT on an object store). A directory
 without the marker is an interrupted write: resume ignores it, and saving that iteration again removes it first.
+Retention unpublishes first: it deletes a checkpoint's marker, alone, before any of its data, so a kill in the
+middle of pruning leaves an interrupted write, never a marker beside missing data.
+
+Object stores (s3://, gs://): every rank checks at construction that the bucket exists and the credentials work
+(:func:`trainer.storage.check_reachable`), no directory is ever "created" (s3fs would create a missing bucket),
+and storage failures surface as one :class:`trainer.storage.StorageError` naming the URI.
 
 Collectives run on a private gloo group created by the constructor (collective: every rank constructs the manager),
 so async saves do not interleave with training collectives and CPU-side coordination works under NCCL as well.
@@ -52,8 +58,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from trainer import layout
+from trainer import layout, storage
 from trainer.config import CheckpointConfig, ConfigError
+from trainer.storage import storage_errors
 
 __all__ = [
     "CheckpointManager",
@@ -154,15 +161,10 @@ def _extras_json(extras: Mapping[str, Any]) -> str:
         raise TypeError(f"state: per-rank entries {sorted(extras)} must be JSON-serialisable: {error}") from error
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-    return "file" in protocols or "local" in protocols
-
-
 def _storage(url: str, *, reader: bool) -> dcp.StorageReader | dcp.StorageWriter:
     """DCP storage for a checkpoint directory: the plain filesystem one for local paths, fsspec otherwise."""
     fs, root = fsspec.core.url_to_fs(url)
-    if _is_local(fs):
+    if storage.is_local(fs):
         return dcp.FileSystemReader(root) if reader else dcp.FileSystemWriter(root)
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
@@ -175,6 +177,7 @@ def _is_distributed() -> bool:
 
 def resolve_checkpoint(path: str) -> str:
     """``path`` itself when it is a complete checkpoint, else the published (or newest complete) one under it."""
+    storage.check_reachable(path)  # a missing bucket is not "no checkpoint"
     fs, root = fsspec.core.url_to_fs(path)
     if fs.exists(f"{root.rstrip('/')}/{layout.COMPLETE_MARKER}"):
         return path.rstrip("/")
@@ -209,6 +212,7 @@ class CheckpointManager:
         self.directory = config.dir.rstrip("/")
         self.rank, self.world_size = rank, world_size
         self._fs, self._root = fsspec.core.url_to_fs(self.directory)
+        storage.check_reachable(self.directory)  # before any collective: every rank fails alike, none waits
         self._group = dist.new_group(backend="gloo") if _is_distributed() else None
         self._pending: _PendingSave | None = None
         self.last_save_seconds: float | None = None
@@ -259,17 +263,18 @@ class CheckpointManager:
         started = time.monotonic()
         extras_json = _extras_json(extras)  # a value JSON cannot hold fails here, before storage is touched
         path = self.path_for(iteration)
-        if not self._prepare_directory(path):
-            logger.info("checkpoint %s is already complete; not rewriting it", path)
-            return time.monotonic() - started
-        with self._fs.open(f"{self._local(path)}/extra-rank{self.rank:05d}.json", "w") as handle:
-            handle.write(extras_json)
-        tensors = {key: value.state_dict() for key, value in sharded.items()}
-        if blocking or not self.config.async_save:
-            dcp.save(tensors, storage_writer=_storage(path, reader=False), process_group=self._group)
-            self._publish(path, iteration, dict(meta), started)
-            return time.monotonic() - started
-        future = dcp.async_save(tensors, storage_writer=_storage(path, reader=False), process_group=self._group)
+        with storage_errors(path, self._fs):
+            if not self._prepare_directory(path):
+                logger.info("checkpoint %s is already complete; not rewriting it", path)
+                return time.monotonic() - started
+            with self._fs.open(f"{self._local(path)}/extra-rank{self.rank:05d}.json", "w") as handle:
+                handle.write(extras_json)
+            tensors = {key: value.state_dict() for key, value in sharded.items()}
+            if blocking or not self.config.async_save:
+                dcp.save(tensors, storage_writer=_storage(path, reader=False), process_group=self._group)
+                self._publish(path, iteration, dict(meta), started)
+                return time.monotonic() - started
+            future = dcp.async_save(tensors, storage_writer=_storage(path, reader=False), process_group=self._group)
         pending = _PendingSave(iteration)
         pending.thread = threading.Thread(
             target=self._finish_async,
@@ -283,8 +288,9 @@ class CheckpointManager:
 
     def _finish_async(self, pending: _PendingSave, future: Any, path: str, meta: dict, started: float) -> None:
         try:
-            future.result()
-            self._publish(path, pending.iteration, meta, started)
+            with storage_errors(path, self._fs):
+                future.result()
+                self._publish(path, pending.iteration, meta, started)
         except BaseException as error:  # re-raised in the training thread by wait()
             pending.error = error
 
@@ -295,6 +301,8 @@ class CheckpointManager:
             return
         assert pending.thread is not None
         pending.thread.join()
+        if isinstance(pending.error, storage.StorageError):
+            raise pending.error  # already names the checkpoint's URI and what to check
         if pending.error is not None:
             raise RuntimeError(f"async checkpoint of iteration {pending.iteration} failed") from pending.error
 
@@ -309,7 +317,7 @@ class CheckpointManager:
                 logger.warning("removing incomplete checkpoint directory %s (an interrupted save)", path)
                 self._fs.rm(local, recursive=True)
             if not complete:
-                self._fs.makedirs(local, exist_ok=True)
+                storage.makedirs(self._fs, local)
         complete = self._broadcast(complete)
         return not complete
 
@@ -328,7 +336,7 @@ class CheckpointManager:
 
     def _write_marker(self, local_dir: str, text: str) -> None:
         marker = f"{local_dir}/{layout.COMPLETE_MARKER}"
-        if not _is_local(self._fs):
+        if not storage.is_local(self._fs):
             self._fs.pipe_file(marker, text.encode())  # one PUT: object stores publish whole objects
             return
         # Durable, then renamed: readers never see a partial marker, and it never outlives a lost write.
@@ -343,7 +351,10 @@ class CheckpointManager:
     def latest(self) -> layout.CheckpointInfo | None:
         """The newest complete checkpoint of this stage (rank 0's view, shared with all ranks)."""
         self._fs.invalidate_cache()
-        return self._broadcast(layout.latest_complete(self.directory) if self.rank == 0 else None)
+        if self.rank != 0:
+            return self._broadcast(None)
+        with storage_errors(self.directory, self._fs):
+            return self._broadcast(layout.latest_complete(self.directory))
 
     def load_latest(self, state: Mapping[str, Any]) -> int | None:
         """Load the newest complete checkpoint into ``state``; its iteration, or None when there is none."""
@@ -364,15 +375,16 @@ class CheckpointManager:
         started = time.monotonic()
         fs, root = fsspec.core.url_to_fs(path)
         marker = f"{root.rstrip('/')}/{layout.COMPLETE_MARKER}"
-        if not fs.exists(marker):
-            raise FileNotFoundError(f"{path!r} is not a complete checkpoint (no {layout.COMPLETE_MARKER})")
-        with fs.open(marker, "r") as handle:
-            record = json.load(handle)
-        sharded, extras = _split_state(state)
-        if sharded:
-            self._load_sharded(path, sharded)
-        if extras:
-            self._load_extras(fs, root.rstrip("/"), extras, saved_world_size=record["world_size"])
+        with storage_errors(path, fs):
+            if not fs.exists(marker):
+                raise FileNotFoundError(f"{path!r} is not a complete checkpoint (no {layout.COMPLETE_MARKER})")
+            with fs.open(marker, "r") as handle:
+                record = json.load(handle)
+            sharded, extras = _split_state(state)
+            if sharded:
+                self._load_sharded(path, sharded)
+            if extras:
+                self._load_extras(fs, root.rstrip("/"), extras, saved_world_size=record["world_size"])
         self._barrier()
         self.last_load_seconds = time.monotonic() - started
         self.loaded_meta = record
@@ -418,7 +430,8 @@ class CheckpointManager:
 
         Keeps the newest ``keep_last`` complete checkpoints and always the newest complete and the PUBLISHED one;
         removes incomplete directories older than the newest complete checkpoint (debris of interrupted saves;
-        newer ones may be an async save in flight).
+        newer ones may be an async save in flight). A checkpoint is unpublished before its data goes
+        (:meth:`_remove`).
         """
         if self.rank != 0:
             return []
@@ -436,8 +449,24 @@ class CheckpointManager:
         doomed += [info.path for info in found if not info.complete and info.iteration < complete[-1].iteration]
         for path in doomed:
             logger.info("retention: removing %s", path)
-            self._fs.rm(self._local(path), recursive=True)
+            with storage_errors(path, self._fs):
+                self._remove(path)
         return doomed
+
+    def _remove(self, path: str) -> None:
+        """Delete checkpoint ``path``: its COMPLETE.json alone first, then the rest.
+
+        A recursive remove takes files in listing order (an object store's bulk delete in any order), so a kill in
+        its middle could leave the marker beside missing shards: a checkpoint that `dino-ctl checkpoints` would call
+        complete. Without its marker the directory is an interrupted write to every reader from the first delete on.
+        """
+        local = self._local(path)
+        try:
+            self._fs.rm_file(f"{local}/{layout.COMPLETE_MARKER}")
+        except FileNotFoundError:
+            pass  # already unpublished (an interrupted earlier prune) or never published
+        self._fs.invalidate_cache(local)
+        self._fs.rm(local, recursive=True)
 
     def close(self) -> None:
         """Wait for an in-flight save and release the private process group."""

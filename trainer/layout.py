@@ -26,6 +26,7 @@ from typing import Any
 import fsspec
 import yaml
 
+from trainer import storage
 from trainer.config import TrainConfig, config_from_dict, config_to_dict
 
 __all__ = [
@@ -62,7 +63,7 @@ def stage_config_text(config: TrainConfig) -> str:
 def write_stage_config(directory: str, config: TrainConfig) -> str:
     """Write ``config`` as ``<directory>/config.yaml`` (creating ``directory``); returns the file's location."""
     fs, root = fsspec.core.url_to_fs(directory)
-    fs.makedirs(root, exist_ok=True)
+    storage.makedirs(fs, root)
     path = join(directory, CONFIG_FILE)
     with fsspec.open(path, "w") as handle:
         handle.write(stage_config_text(config))
