@@ -9,8 +9,12 @@ failure even though every worker finished its step, wrote a checkpoint and exite
   Kubeflow operators inject, so options are rarely needed),
 - gives the workers the configured preemption grace before torchrun escalates to SIGKILL
   (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``; its default of 30 s is shorter than a large checkpoint),
-- forwards SIGTERM to torchrun and, when a complete checkpoint with ``reason: preemption`` was published after the
-  signal, exits 143 (:data:`trainer.layout.PREEMPTED_EXIT_CODE`), otherwise torchrun's own exit code.
+- forwards SIGTERM to torchrun and, when the run's work is safe in storage, exits 143
+  (:data:`trainer.layout.PREEMPTED_EXIT_CODE`) instead of torchrun's 1: a complete checkpoint with
+  ``reason: preemption`` was published after the signal, or the stage's ``final`` checkpoint is published (the signal
+  landed while it, the export or ``final.json`` was written: every step ran, and a resubmitted pod resumes at the
+  last iteration and only redoes the export). Otherwise torchrun's own exit code; a storage failure while looking
+  is logged and changes nothing.
 
 Torch-free: it only reads the config YAML and the checkpoint layout.
 """
@@ -41,9 +45,22 @@ def torchrun_command(config_path: str, torchrun_args: list[str]) -> list[str]:
 
 
 def preempted_after(checkpoint_dir: str, since: float) -> bool:
-    """True when the newest complete checkpoint is a preemption checkpoint published at or after ``since``."""
+    """True when a SIGTERM at ``since`` stopped a run whose work is published: the newest complete checkpoint is a
+    preemption checkpoint published at or after ``since``, or the stage's final checkpoint."""
     latest = layout.latest_complete(checkpoint_dir)
-    return bool(latest and latest.meta.get("reason") == "preemption" and latest.meta.get("time", 0) >= since)
+    if latest is None:
+        return False
+    if latest.meta.get("reason") == "final":
+        return True
+    return latest.meta.get("reason") == "preemption" and latest.meta.get("time", 0) >= since
+
+
+def _published_after(checkpoint_dir: str, since: float) -> bool:
+    try:
+        return preempted_after(checkpoint_dir, since)
+    except Exception as error:  # noqa: BLE001 - the exit code must come back whatever storage says
+        logger.error("cannot read %s after SIGTERM (%s); keeping torchrun's exit code", checkpoint_dir, error)
+        return False
 
 
 def run(config_path: str, torchrun_args: list[str], *, checkpoint_dir: str, grace_seconds: float) -> int:
@@ -61,8 +78,8 @@ def run(config_path: str, torchrun_args: list[str], *, checkpoint_dir: str, grac
 
     signal.signal(signal.SIGTERM, forward)
     code = child.wait()
-    if terminated_at and preempted_after(checkpoint_dir, terminated_at[0] - 1.0):
-        logger.warning("preempted: checkpoint written after SIGTERM; exiting %d", PREEMPTED_EXIT_CODE)
+    if code != 0 and terminated_at and _published_after(checkpoint_dir, terminated_at[0] - 1.0):
+        logger.warning("preempted: checkpoint published after SIGTERM; exiting %d", PREEMPTED_EXIT_CODE)
         return PREEMPTED_EXIT_CODE
     return code
 

@@ -4,7 +4,8 @@ Launched by torchrun (also elastic: ``--nnodes=MIN:MAX --rdzv-backend=c10d``) or
 RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE. Always resumes from the newest complete checkpoint in
 ``checkpoint.dir``, so a restarted pod, a torchrun group restart or a resized job continues the run.
 
-Exit codes: 0 finished, 1 error, 143 (:data:`PREEMPTED_EXIT_CODE`) stopped by SIGTERM after writing a checkpoint.
+Exit codes: 0 finished, 1 error (a storage failure is one line naming the URI: :class:`trainer.storage.StorageError`),
+2 invalid config, 143 (:data:`PREEMPTED_EXIT_CODE`) stopped by SIGTERM after writing a checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from trainer.config import ConfigError, TrainConfig, load_config_file, validate_
 from trainer.layout import PREEMPTED_EXIT_CODE
 from trainer.meta_arch import NonFiniteLossError
 from trainer.runtime import Runtime
+from trainer.storage import StorageError
 
 logger = logging.getLogger("trainer.train")
 
@@ -111,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except NonFiniteLossError as exc:  # the run cannot continue; the last complete checkpoint is intact
         logger.error("%s", exc)
+        return 1
+    except StorageError as exc:  # bucket, credentials or endpoint: nothing was published, the message says what
+        logger.error("storage: %s", exc)
         return 1
     finally:
         if dist.is_initialized():
