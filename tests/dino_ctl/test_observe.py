@@ -108,7 +108,8 @@ def test_exit_of_a_pod_deleted_without_a_disruption_is_not_a_verdict() -> None:
     """A failed job's other worker, stopped by the operator's cleanPodPolicy, exits 143 after its SIGTERM checkpoint:
     the job still failed because of the exit 1 (seen with the real training-operator, tests/cluster/training)."""
     objects = recorded("pretrain_preempted")
-    stopped = next(o for o in objects if o["kind"] == "Pod" and o["metadata"]["labels"].get("dino-ctl.io/attempt") == "2"
+    stopped = next(o for o in objects if o["kind"] == "Pod"
+                   and o["metadata"]["labels"].get("dino-ctl.io/attempt") == "2"
                    and o["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 143)
     stopped["metadata"]["deletionTimestamp"] = "2026-03-02T12:00:01Z"
     obs = observe(objects, experiment="demo").stage("pretrain")
