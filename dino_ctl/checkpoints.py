@@ -12,6 +12,7 @@ from typing import Any
 
 import fsspec
 from trainer import layout
+from trainer.storage import check_reachable, storage_errors
 
 from dino_ctl.errors import SpecError
 from dino_ctl.spec import DinoExperiment
@@ -62,20 +63,26 @@ class StageCheckpoints:
         ]
 
 
+def _read_stage(name: str, location: str) -> StageCheckpoints:
+    """One stage directory as stored; a missing bucket, refused credentials or an unreachable endpoint raise
+    :class:`trainer.storage.StorageError` (an object store answers "nothing there" to all three otherwise)."""
+    with storage_errors(location):
+        check_reachable(location)
+        return StageCheckpoints(name, location, layout.list_checkpoints(location), published_name(location))
+
+
 def stage_checkpoints(experiment: DinoExperiment | None, *, directory: str | None = None,
                       stage: str | None = None) -> list[StageCheckpoints]:
     """Checkpoints of every stage of ``experiment`` (or of ``stage``), or of one ``directory``."""
     if directory is not None:
-        location = readable_location(directory)
-        return [StageCheckpoints(stage or "-", location, layout.list_checkpoints(location), published_name(location))]
+        return [_read_stage(stage or "-", readable_location(directory))]
     assert experiment is not None, "an experiment or a directory is required"
     root = readable_location(experiment.spec.storage.checkpoints).rstrip("/")
     names = [stage] if stage else [s.name for s in experiment.spec.stages]
     found = []
     for name in names:
         experiment.spec.stage(name)  # SpecError listing the stages when unknown
-        location = layout.join(root, name)
-        found.append(StageCheckpoints(name, location, layout.list_checkpoints(location), published_name(location)))
+        found.append(_read_stage(name, layout.join(root, name)))
     return found
 
 
@@ -102,8 +109,10 @@ def promote(stage: StageCheckpoints, name: str | None) -> layout.CheckpointInfo:
                         f"a complete checkpoint (with {layout.COMPLETE_MARKER}); this one is an interrupted write")
     fs, root = fsspec.core.url_to_fs(stage.directory)
     text = json.dumps({"checkpoint": info.path.rstrip("/").rsplit("/", 1)[-1], "iteration": info.iteration})
-    # Write beside, then move: a reader never sees a half-written marker (a rename on local disks and PVCs).
+    # Write beside, then move: a reader never sees a half-written marker (a rename on local disks and PVCs; on an
+    # object store a server-side copy, which publishes the whole object at once).
     temporary = f"{root.rstrip('/')}/.{layout.PUBLISHED_FILE}.tmp"
-    fs.pipe_file(temporary, text.encode())
-    fs.mv(temporary, f"{root.rstrip('/')}/{layout.PUBLISHED_FILE}")
+    with storage_errors(stage.directory, fs):
+        fs.pipe_file(temporary, text.encode())
+        fs.mv(temporary, f"{root.rstrip('/')}/{layout.PUBLISHED_FILE}")
     return info

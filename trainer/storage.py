@@ -84,21 +84,24 @@ def describe_error(uri: str, error: BaseException, fs: fsspec.AbstractFileSystem
     if isinstance(error, StorageError):
         return error
     bucket = uri.split("://", 1)[-1].split("/", 1)[0]
-    for link in _chain(error):
-        name, code, text = type(link).__name__, _code(link), str(link)
-        if name == "NoCredentialsError" or "Unable to locate credentials" in text:
-            return StorageError(uri, "no-credentials", "no credentials found; set AWS_ACCESS_KEY_ID and "
-                                "AWS_SECRET_ACCESS_KEY (the spec's storage.credentials Secret in a pod)")
-        if name in _CONNECTION_ERRORS or (isinstance(link, OSError) and link.errno == errno.ECONNREFUSED):
-            return StorageError(uri, "unreachable", f"cannot reach the storage endpoint {_endpoint(fs)} "
-                                "(AWS_ENDPOINT_URL, storage.endpointUrl in the spec)")
-        if code == "NoSuchBucket" or "specified bucket does not exist" in text:
-            return StorageError(uri, "no-bucket", f"bucket {bucket!r} does not exist at {_endpoint(fs)}; create it "
-                                "first (dino-ctl never creates buckets)")
-        if code in _DENIED_CODES or isinstance(link, PermissionError):
-            detail = code or text.split(":")[0]
-            return StorageError(uri, "denied", f"access denied ({detail}): check AWS_ACCESS_KEY_ID / "
-                                "AWS_SECRET_ACCESS_KEY (the spec's storage.credentials Secret) and the bucket policy")
+    links = list(_chain(error))
+    codes = [code for code in map(_code, links) if code]
+    names = {type(link).__name__ for link in links}
+    text = " ".join(str(link) for link in links)
+    if "NoCredentialsError" in names or "Unable to locate credentials" in text:
+        return StorageError(uri, "no-credentials", "no credentials found; set AWS_ACCESS_KEY_ID and "
+                            "AWS_SECRET_ACCESS_KEY (the spec's storage.credentials Secret in a pod)")
+    if names & set(_CONNECTION_ERRORS) or any(
+            isinstance(link, OSError) and link.errno == errno.ECONNREFUSED for link in links):
+        return StorageError(uri, "unreachable", f"cannot reach the storage endpoint {_endpoint(fs)} "
+                            "(AWS_ENDPOINT_URL, storage.endpointUrl in the spec)")
+    if "NoSuchBucket" in codes or "specified bucket does not exist" in text:
+        return StorageError(uri, "no-bucket", f"bucket {bucket!r} does not exist at {_endpoint(fs)}; create it "
+                            "first (dino-ctl never creates buckets)")
+    if set(codes) & set(_DENIED_CODES) or any(isinstance(link, PermissionError) for link in links):
+        detail = codes[0] if codes else str(links[0]).split(":")[0]
+        return StorageError(uri, "denied", f"access denied ({detail}): check AWS_ACCESS_KEY_ID / "
+                            "AWS_SECRET_ACCESS_KEY (the spec's storage.credentials Secret) and the bucket policy")
     return None
 
 

@@ -104,6 +104,8 @@ def promote_command(
         info = promote(selected, checkpoint)
     except SpecError as exc:
         fail_spec(exc, output)
+    except OSError as exc:
+        fail(f"cannot promote: {exc}", output)
     if output == OutputFormat.JSON:
         emit({"stage": selected.stage, "published": info.path, "iteration": info.iteration})
     else:

@@ -11,8 +11,9 @@ from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from trainer.storage import StorageError
 
-from dino_ctl.cli.output import EXIT_USAGE, OutputFormat, OutputOption, console, emit, err_console
+from dino_ctl.cli.output import EXIT_USAGE, OutputFormat, OutputOption, console, emit, err_console, fail
 
 __all__ = ["register"]
 
@@ -79,6 +80,8 @@ def prepare(
             source, out, format=format.value, split=split.value, limit=limit, shard_size=size_limit,
             overwrite=overwrite, verify=verify, show_progress=output == OutputFormat.TEXT,
         )
+    except StorageError as exc:  # bucket, credentials, endpoint: a runtime failure, and no index.json was written
+        fail(str(exc), output)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         if output == OutputFormat.JSON:
             emit({"error": str(exc), "exitCode": EXIT_USAGE})

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from trainer.storage import StorageError, check_reachable, storage_errors
 
 from dino_ctl.cli.output import OutputFormat, OutputOption
 
@@ -44,10 +45,15 @@ def run_eval(
     from trainer.evaluate import evaluate_backbone, labelled_batches
     from trainer.models import build_backbone
 
-    backbone, model_config = load_backbone(source, network=network)  # type: ignore[arg-type]
+    with storage_errors(source):
+        backbone, model_config = load_backbone(source, network=network)  # type: ignore[arg-type]
     size = image_size or model_config.img_size
-    train_batches = labelled_batches(train, image_size=size, limit=limit_train)
-    test_batches = labelled_batches(test, image_size=size, limit=limit_test)
+    with storage_errors(train):
+        check_reachable(train)
+        train_batches = labelled_batches(train, image_size=size, limit=limit_train)
+    with storage_errors(test):
+        check_reachable(test)
+        test_batches = labelled_batches(test, image_size=size, limit=limit_test)
     random_backbone = None
     if baseline:
         torch.manual_seed(seed)
@@ -98,6 +104,9 @@ def _command(protocol: str):
         try:
             report = run_eval(protocol, source, train, test, network=network, image_size=image_size,
                               limit_train=limit_train, limit_test=limit_test, baseline=baseline)
+        except StorageError as exc:  # bucket, credentials or endpoint of one of the three locations
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from exc
         except (FileNotFoundError, ValueError, KeyError) as exc:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2) from exc

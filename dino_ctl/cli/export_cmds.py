@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from trainer.config import ARCHS, ModelConfig
+from trainer.storage import StorageError, storage_errors
 
 from dino_ctl.cli.output import OutputFormat, OutputOption
 
@@ -24,11 +25,16 @@ def export(
     from trainer.artifacts import export_backbone, load_backbone
 
     try:
-        backbone, model_config = load_backbone(source, network=network)  # type: ignore[arg-type]
+        with storage_errors(source):
+            backbone, model_config = load_backbone(source, network=network)  # type: ignore[arg-type]
+        with storage_errors(out):
+            export_backbone(backbone, model_config, out)  # model.json, backbone.* each written whole, then moved
+    except StorageError as exc:  # bucket, credentials or endpoint: a runtime failure naming the URI
+        console.print(f"[red]error:[/red] {exc}", markup=True)
+        raise typer.Exit(1) from exc
     except (FileNotFoundError, ValueError, KeyError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
-    export_backbone(backbone, model_config, out)
     loader = (
         "from trainer.models import build_backbone; from trainer.artifacts import read_model_config; "
         f"m = build_backbone(read_model_config('{out}/model.json'), checkpoint='{out}/backbone.pth')"

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from trainer.data.contract import DEFAULT_SHARD_SIZE, make_sample, open_writer
+from trainer.storage import check_reachable, storage_errors
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -216,7 +217,10 @@ def prepare_dataset(
         allowed = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise ValueError(f"SOURCE: {source!r} holds no images; allowed extensions: {allowed}")
     result = PrepareResult(out=out if isinstance(out, str) else out[1], num_samples=0, classes=classes)
-    with open_writer(_writer_out(out), size_limit=shard_size, exist_ok=overwrite) as writer:
+    check_reachable(result.out)  # before the first shard: a wrong bucket is reported as itself
+    # index.json is written (uploaded) last: a failure before it leaves shards that no reader uses.
+    with storage_errors(result.out), open_writer(_writer_out(out), size_limit=shard_size,
+                                                 exist_ok=overwrite) as writer:
         for done, (item, row) in enumerate(_rows(items, source_name=source_name, verify=verify), start=1):
             if row is None:
                 result.num_skipped += 1
