@@ -11,7 +11,10 @@ import os
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
+import fsspec
+
 from trainer.config import ConfigError, DataConfig, StreamConfig
+from trainer.storage import check_reachable, storage_errors
 
 if TYPE_CHECKING:
     from trainer.data.positioned import PositionedStreamingDataset
@@ -41,6 +44,15 @@ def resolve_stream_location(stream: StreamConfig, *, cache_dir: str, path: str) 
     return stream.remote, os.path.join(os.path.abspath(cache_dir), digest)
 
 
+def _remote_index_exists(remote: str) -> bool:
+    """Whether ``remote`` holds an MDS index; a bucket, credentials or endpoint problem raises StorageError (streaming
+    itself would retry, then fail with a botocore traceback that names neither the stream nor the setting)."""
+    fs, root = fsspec.core.url_to_fs(remote)
+    with storage_errors(remote, fs):
+        check_reachable(remote)
+        return fs.exists(f"{root.rstrip('/')}/index.json")
+
+
 def build_streams(data: DataConfig) -> list:
     """streaming ``Stream`` objects for ``data.streams`` (mixing by proportion, repeat or choose)."""
     from streaming import Stream
@@ -57,6 +69,8 @@ def build_streams(data: DataConfig) -> list:
         remote, local = resolve_stream_location(stream, cache_dir=data.cache_dir, path=path)
         if remote is None and not os.path.isfile(os.path.join(local, "index.json")):
             raise ConfigError(f"{path}.remote", stream.remote or stream.local, "a directory holding MDS index.json")
+        if remote is not None and not _remote_index_exists(remote):
+            raise ConfigError(f"{path}.remote", remote, "a directory holding MDS index.json")
         streams.append(Stream(remote=remote, local=local, **weights))
     return streams
 
