@@ -15,6 +15,7 @@ The released layout is a flat dict of tensors with the backbone's own parameter 
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -22,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import fsspec
 import torch
 import torch.nn as nn
 
@@ -92,8 +94,12 @@ def save_backbone(model: nn.Module, path: str | os.PathLike[str]) -> Path:
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Read a ``.safetensors`` or ``.pth``/``.pt`` file onto the CPU, unwrapping ``{"teacher"|"model"|...: {...}}``."""
-    path = Path(path)
+    """Read a ``.safetensors`` or ``.pth``/``.pt`` file onto the CPU, unwrapping ``{"teacher"|"model"|...: {...}}``.
+
+    ``path`` is a local path or an fsspec URI (s3://, gs://: the object is read into memory whole)."""
+    if "://" in str(path) and not str(path).startswith("file://"):
+        return _read_remote_checkpoint(str(path))
+    path = Path(str(path).removeprefix("file://"))
     if not path.is_file():
         raise FileNotFoundError(f"backbone checkpoint {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
@@ -103,6 +109,21 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if path.suffix not in _SUFFIXES:
         raise ValueError(f"checkpoint path {str(path)!r}: suffix {path.suffix!r} is not one of {', '.join(_SUFFIXES)}")
     return _find_tensors(torch.load(path, map_location="cpu", weights_only=True), str(path))
+
+
+def _read_remote_checkpoint(uri: str) -> dict[str, torch.Tensor]:
+    suffix = "." + uri.rsplit(".", 1)[-1] if "." in uri.rsplit("/", 1)[-1] else ""
+    if suffix not in _SUFFIXES:
+        raise ValueError(f"checkpoint path {uri!r}: suffix {suffix!r} is not one of {', '.join(_SUFFIXES)}")
+    fs, root = fsspec.core.url_to_fs(uri)
+    if not fs.isfile(root):
+        raise FileNotFoundError(f"backbone checkpoint {uri!r} does not exist")
+    data = fs.cat_file(root)
+    if suffix == ".safetensors":
+        from safetensors.torch import load  # noqa: PLC0415
+
+        return load(data)
+    return _find_tensors(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), uri)
 
 
 def _find_tensors(obj: Any, where: str) -> dict[str, torch.Tensor]:
