@@ -75,7 +75,7 @@ def curate(
         results = _run(spec, step_list, shard_index, console)
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
-    except (RuntimeError, FileNotFoundError) as exc:
+    except (RuntimeError, OSError) as exc:  # OSError: also trainer.storage.StorageError (write.remote)
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(code=1) from None
     _print_results(console, results, Path(spec.output))

@@ -161,6 +161,10 @@ class WriteConfig(_Model):
     size_limit: int = Field(default=1 << 26, ge=1024)
     compression: str | None = None
     """MDS compression (e.g. ``zstd``); the paper-scale default is none: JPEG bytes barely compress."""
+    remote: str | None = None
+    """Object-store URI (``s3://bucket/datasets/name``, ``gs://...``) the finished dataset is published to: every
+    partition, ``manifest.json``, then ``index.json`` last, so readers (``data.streams[].remote``) never see a
+    half-published dataset. ``output`` stays the working directory (embeddings, indexes, markers)."""
 
 
 class JobsConfig(_Model):

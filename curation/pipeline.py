@@ -21,6 +21,7 @@ from curation.context import SHARDED_STEPS, Context, FailureHook, step_directory
 from curation.progress import Reporter
 from curation.storage import hash_json, read_marker
 from trainer.config import ConfigError
+from trainer.storage import check_reachable
 
 __all__ = ["Context", "StepResult", "run_pipeline", "resolve_shard", "step_directory"]
 
@@ -79,6 +80,8 @@ def run_pipeline(
     A step whose upstream step is not committed raises RuntimeError naming the missing step.
     """
     context = Context(spec=spec, reporter=reporter or Reporter(), failure_hook=failure_hook, shard_index=shard_index)
+    if spec.write.enabled and spec.write.remote is not None:
+        check_reachable(spec.write.remote)  # a wrong bucket fails now, not after hours of embedding
     context.root.mkdir(parents=True, exist_ok=True)
     results = []
     for name in _select_steps(steps, shard_index):

@@ -3,7 +3,8 @@
 The selection is shuffled once with the spec's seed and cut into ``write.num_shards`` contiguous partitions; each
 partition is written by one worker into ``dataset/part-<j>/`` (a temporary directory renamed when complete), and
 whoever completes the last partition merges the partition indexes into ``dataset/index.json`` (mosaicml-streaming's
-``merge_index``) and writes the manifest. Sample bytes are the original encoded files, never re-encoded.
+``merge_index``) and writes the manifest. Sample bytes are the original encoded files, never re-encoded. With
+``write.remote`` the finished dataset is then published to an object store (:func:`curation.storage.publish_dataset`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from curation.context import Context, step_directory
 from curation.sources import ImageSource, open_source
 from curation.step_embed import PoolTable, load_pool, load_source_embeddings
 from curation.step_select import load_array
-from curation.storage import atomic_write_json, read_marker, replace_directory, write_marker
+from curation.storage import atomic_write_json, publish_dataset, read_marker, replace_directory, write_marker
 from trainer.data.contract import make_sample, open_writer
 
 __all__ = ["run_write", "write_inputs"]
@@ -35,6 +36,8 @@ MANIFEST_NAME = "manifest.json"
 def write_inputs(context: Context) -> dict[str, Any]:
     """The write config, the dataset name and the balance step's hash (which chains every earlier step)."""
     config = context.spec.write.model_dump(mode="json")
+    if config.get("remote") is None:
+        del config["remote"]  # specs without a remote keep the hashes (and the markers) they had
     return {"config": config, "name": context.spec.name, "upstream": context.hashes["balance"]}
 
 
@@ -150,6 +153,9 @@ def run_write(context: Context, config_hash: str) -> tuple[str, dict[str, Any]]:
         merge_index([str(p / "index.json") for p in parts], str(dataset))
     summary = {"samples": len(sel.rows), "partitions": config.num_shards}
     atomic_write_json(context.root / MANIFEST_NAME, _manifest(context, summary))
+    if config.remote is not None:  # before the marker: a failed upload reruns the publication, not the dataset
+        publish_dataset(dataset, context.root / MANIFEST_NAME, config.remote, partitions=[p.name for p in parts])
+        summary["remote"] = config.remote
     write_marker(dataset, step="write", config_hash=config_hash, summary=summary)
     return "done", summary
 

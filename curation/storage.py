@@ -21,7 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
+
+from trainer.storage import check_reachable, storage_errors
 
 __all__ = [
     "EmbeddingShard",
@@ -34,6 +37,7 @@ __all__ = [
     "replace_directory",
     "list_embedding_shards",
     "load_embeddings",
+    "publish_dataset",
     "read_marker",
     "save_embeddings",
     "shard_name",
@@ -113,6 +117,36 @@ def replace_directory(tmp: Path, final: Path) -> None:
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def publish_dataset(dataset: Path, manifest: Path, remote: str, *, partitions: Sequence[str]) -> None:
+    """Upload a merged MDS dataset to ``remote`` so that no reader ever sees half of it.
+
+    ``index.json`` is what makes an MDS directory a dataset: the remote one is deleted first (unpublished), then
+    every partition's files and ``manifest.json`` go up, and the merged ``index.json`` goes last. Partitions of an
+    earlier publication that the new index does not name are removed once it is unpublished.
+    """
+    fs, root = fsspec.core.url_to_fs(remote)
+    root = root.rstrip("/")
+    with storage_errors(remote, fs):
+        check_reachable(remote)
+        index = f"{root}/index.json"
+        try:
+            fs.rm_file(index)
+        except FileNotFoundError:
+            pass
+        fs.invalidate_cache()
+        if fs.exists(root):
+            for stale in fs.ls(root, detail=False):
+                name = stale.rstrip("/").rsplit("/", 1)[-1]
+                if name.startswith("part-") and name not in partitions:
+                    fs.rm(stale, recursive=True)
+        for name in partitions:
+            for path in sorted((dataset / name).rglob("*")):
+                if path.is_file() and path.name != MARKER_NAME:
+                    fs.put_file(str(path), f"{root}/{path.relative_to(dataset).as_posix()}")
+        fs.put_file(str(manifest), f"{root}/{manifest.name}")
+        fs.put_file(str(dataset / "index.json"), index)
 
 
 def shard_name(index: int, count: int) -> str:
