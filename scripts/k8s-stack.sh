@@ -91,9 +91,11 @@ done
 # Components with no replace lines are `go install`ed at a pinned version, each into a file named by it.
 KWOK_VERSION=v0.8.0
 TRAINING_OPERATOR_VERSION=v1.9.3
+KUEUE_VERSION=v0.17.0
 INSTALLS=(
   "kwok-$KWOK_VERSION sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
   "training-operator-$TRAINING_OPERATOR_VERSION github.com/kubeflow/training-operator/cmd/training-operator.v1@$TRAINING_OPERATOR_VERSION"
+  "kueue-$KUEUE_VERSION sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION"   # tests/cluster/training (its CRDs: the module's)
   "versitygw-v1.8.0 github.com/versity/versitygw/cmd/versitygw@v1.8.0"   # S3 server of tests/storage (Apache-2.0)
 )
 for install in "${INSTALLS[@]}"; do
