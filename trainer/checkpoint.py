@@ -78,6 +78,8 @@ _RESERVED_META = ("iteration", "world_size", "time", "save_seconds")
 warnings.filterwarnings(
     "ignore", message="torch.distributed is disabled, unavailable or uninitialized", module="torch.distributed"
 )
+# An object store's PUT is durable when it returns; there is nothing to fsync (DCP warns once per file on s3://).
+warnings.filterwarnings("ignore", message="fsync not supported for this stream", module="torch.distributed")
 
 
 class OptimizerState(Stateful):
