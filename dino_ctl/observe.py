@@ -37,6 +37,7 @@ ANNOTATION_COUNTED_JOB = "dino-ctl.io/counted-job"
 """uid of the last job whose end was counted in the restart counts: counting twice is impossible."""
 JOB_KINDS = ("PyTorchJob", "TrainJob", "Job")  # Job = batch.volcano.sh (TorchX on Kubernetes)
 _TRAINER_CONTAINERS = ("pytorch", "node", "trainer")
+_KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"  # = dino_ctl.render.common.KUEUE_QUEUE_LABEL (render imports this)
 # Pod conditions/reasons that mean the pod was taken away, not that the training failed.
 _EVICTION_REASONS = ("Evicted", "NodeLost", "Shutdown", "Terminated", "Preempting", "UnexpectedAdmissionError")
 
@@ -124,6 +125,8 @@ class StageObservation:
     counted_job_uid: str | None = None
     latest_checkpoint: int | None = None
     """Iteration of the newest complete checkpoint, when the caller read storage (see ``Observed.checkpoints_read``)."""
+    queue: str | None = None
+    """The Kueue LocalQueue the job waits in: set while the job is suspended and labelled with a queue."""
 
     @property
     def end_reason(self) -> Reason:
@@ -136,7 +139,10 @@ class StageObservation:
 
     @property
     def message(self) -> str:
-        """The newest condition message with a true status, for status output."""
+        """The newest condition message with a true status, for status output; for a queued job, that it waits."""
+        if self.queue is not None and self.phase == JobPhase.PENDING:
+            # The operator only says "suspended": say why, and that nothing failed.
+            return f"queued in Kueue LocalQueue {self.queue}: suspended until Kueue admits it (quota)"
         true = [c for c in self.conditions if c.status == "True" and c.message]
         return true[-1].message if true else ""
 
@@ -245,9 +251,13 @@ def _stage_fields(obj: Mapping[str, Any]) -> dict[str, Any]:
     kind = obj.get("kind")
     annotations = _meta(obj).get("annotations") or {}
     if kind in JOB_KINDS:
+        spec = obj.get("spec") or {}
+        suspended = bool(spec.get("suspend") or (spec.get("runPolicy") or {}).get("suspend")) or any(
+            c.type == "Suspended" and c.status == "True" for c in _conditions(obj.get("status") or {}))
         return {"job_kind": kind, "job_name": _meta(obj).get("name"), "job_uid": _meta(obj).get("uid"),
                 "phase": _job_phase(kind, obj), "conditions": _conditions(obj.get("status") or {}),
-                "attempt": _attempt(obj)}
+                "attempt": _attempt(obj),
+                "queue": (_meta(obj).get("labels") or {}).get(_KUEUE_QUEUE_LABEL) if suspended else None}
     if kind == "ConfigMap" and ANNOTATION_RESTARTS in annotations:
         return {"restarts": RestartCounts.from_json(annotations.get(ANNOTATION_RESTARTS)),
                 "counted_job_uid": annotations.get(ANNOTATION_COUNTED_JOB)}

@@ -119,3 +119,16 @@ def test_exit_of_a_pod_deleted_without_a_disruption_is_not_a_verdict() -> None:
                                             "reason": "PreemptionByScheduler"})
     obs = observe(objects, experiment="demo").stage("pretrain")
     assert sorted(obs.exit_codes) == [1, 143] and obs.end_reason == Reason.EVICTION
+
+
+def test_a_suspended_job_in_a_kueue_queue_is_reported_queued() -> None:
+    objects = recorded("pretrain_suspended")
+    job = next(o for o in objects if o["kind"] == "PyTorchJob")
+    job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] = "h100-queue"
+    job["spec"]["runPolicy"]["suspend"] = True  # created suspended; Kueue admits by unsuspending
+    obs = observe(objects, experiment="demo").stage("pretrain")
+    assert obs.phase == JobPhase.PENDING and obs.queue == "h100-queue"
+    assert obs.message == "queued in Kueue LocalQueue h100-queue: suspended until Kueue admits it (quota)"
+    job["spec"]["runPolicy"]["suspend"] = False  # admitted: no longer queued
+    job["status"]["conditions"] = [c for c in job["status"].get("conditions", []) if c["type"] != "Suspended"]
+    assert observe(objects, experiment="demo").stage("pretrain").queue is None

@@ -9,6 +9,7 @@ the test fails); the whole logs stay in the session's temporary directory.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ import pytest
 from dino_ctl.kube import KubeClient
 from tests.cluster.stack import KubeStack
 from tests.cluster.training.training_cluster import GpuPool, Training
-from tests.cluster.training.training_components import ComponentError, Kwok, TrainingOperator
+from tests.cluster.conftest import install_crds
+from tests.cluster.training.training_components import ComponentError, Kueue, Kwok, TrainingOperator
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +49,22 @@ def kwok(kube_stack: KubeStack, tmp_path_factory: pytest.TempPathFactory) -> Ite
     except ComponentError as exc:
         process.stop()
         pytest.fail(f"kwok did not start: {exc}", pytrace=False)
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="session")
+def kueue(kube_stack: KubeStack, admin_api: Any, dynamic: Any, training_operator: TrainingOperator,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kueue]:
+    """Kueue v0.17.0 admitting PyTorchJobs (started on first use: only the Kueue test needs it)."""
+    process = Kueue.for_stack(kube_stack, tmp_path_factory.mktemp("kueue"))
+    try:
+        process.start(admin_api, lambda crds: install_crds(dynamic, crds))
+    except (ComponentError, OSError, subprocess.CalledProcessError) as exc:
+        process.stop()
+        pytest.fail(f"Kueue did not start: {exc}", pytrace=False)
     try:
         yield process
     finally:

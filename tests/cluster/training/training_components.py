@@ -20,7 +20,9 @@ every interface (controller-runtime's ``webhook.Options.Host`` has no flag); not
 - a pod being deleted gracefully exits 143 first, as the trainer does when SIGTERM arrives (it checkpoints and
   exits 143), then disappears (``pod-terminate-gracefully``, ``pod-delete``).
 
-Both are stopped by PID (SIGTERM, then SIGKILL); their logs stay in the work directory for failure reports.
+:class:`Kueue` runs Kueue v0.17.0 (PyTorchJob integration only; see its docstring for what its certificates need).
+
+All are stopped by PID (SIGTERM, then SIGKILL); their logs stay in the work directory for failure reports.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ __all__ = [
     "POD_STAGES",
     "WEBHOOK_CERT_DIR",
     "ComponentError",
+    "Kueue",
     "Kwok",
     "TrainingOperator",
     "fake_gpu_node",
@@ -59,6 +62,8 @@ __all__ = [
 
 OPERATOR_VERSION = "v1.9.3"
 KWOK_VERSION = "v0.8.0"
+KUEUE_VERSION = "v0.17.0"
+KUEUE_NAMESPACE = "kueue-system"
 OPERATOR_NAMESPACE = "kubeflow"
 WEBHOOK_SECRET = "training-operator-webhook-cert"
 WEBHOOK_CERT_DIR = Path("/tmp/k8s-webhook-server/serving-certs")  # noqa: S108 (hard-coded in the operator's pkg/cert)
@@ -398,6 +403,107 @@ class Kwok(_Component):
                      "--node-lease-duration-seconds=40"])
         self._wait(lambda: _http_status(f"http://{HOST}:{self.port}/healthz") == 200, what="/healthz",
                    timeout=timeout)
+        return self
+
+
+@dataclass
+class Kueue(_Component):
+    """Kueue (sigs.k8s.io/kueue v0.17.0) with only the PyTorchJob integration, every port on 127.0.0.1.
+
+    Its admission webhooks are not registered with the API server (no Mutating/ValidatingWebhookConfiguration):
+    dino-ctl creates queued jobs suspended itself. Two things cannot be left out: the embedded cert-controller waits
+    until it has put its CA into the conversion webhooks of five Kueue CRDs (v1beta1 <-> v1beta2), so those CRDs
+    are installed with a conversion webhook (an URL on 127.0.0.1, Kueue's own webhook server); and the certificate
+    it serves must be one the API server accepts for that URL, so we pre-fill its Secret with a CA and a serving
+    certificate for both the in-cluster service name and 127.0.0.1 (the rotator keeps a valid pair). The visibility
+    API server (an aggregated API on all interfaces) is switched off with its feature gate.
+    """
+
+    stack: KubeStack | None = None
+    health_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
+    webhook_port: int = field(default_factory=free_port)
+
+    CONVERTED = ("localqueues", "clusterqueues", "workloads", "cohorts", "multikueueclusters")
+
+    @classmethod
+    def for_stack(cls, stack: KubeStack, workdir: Path) -> Kueue:
+        return cls("kueue", stack.binaries / f"kueue-{KUEUE_VERSION}", workdir, stack=stack)
+
+    @property
+    def certs(self) -> Path:
+        return self.workdir / "certs"
+
+    def _certificates(self) -> None:
+        self.certs.mkdir(parents=True, exist_ok=True)
+
+        def openssl(*args: str) -> None:
+            subprocess.run(["openssl", *args], cwd=self.certs, check=True, capture_output=True)
+
+        # Valid for a year: the rotator replaces a pair that expires within 90 days.
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days",
+                "365", "-subj", "/CN=kueue-test-ca")
+        (self.certs / "san.cnf").write_text(
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+            f"subjectAltName=DNS:kueue-webhook-service.{KUEUE_NAMESPACE}.svc,IP:{HOST}\n")
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "tls.key", "-out", "tls.csr", "-subj",
+                "/CN=kueue-webhook")
+        openssl("x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+                "tls.crt", "-days", "365", "-extfile", "san.cnf")
+
+    def _b64(self, name: str) -> str:
+        import base64
+
+        return base64.b64encode((self.certs / name).read_bytes()).decode()
+
+    def crds(self) -> list[dict[str, Any]]:
+        """Kueue's CRDs from its module (the Go module proxy), the converted ones with the conversion webhook."""
+        out = subprocess.run(["go", "mod", "download", "-json", f"sigs.k8s.io/kueue@{KUEUE_VERSION}"],
+                             capture_output=True, text=True, check=True, cwd="/")
+        folder = Path(json.loads(out.stdout)["Dir"]) / "config" / "components" / "crd" / "bases"
+        conversion = {"strategy": "Webhook", "webhook": {"conversionReviewVersions": ["v1"], "clientConfig": {
+            "url": f"https://{HOST}:{self.webhook_port}/convert", "caBundle": self._b64("ca.crt")}}}
+        found = []
+        for path in sorted(folder.glob("*.yaml")):
+            for doc in yaml.safe_load_all(path.read_text()):
+                if doc and doc.get("kind") == "CustomResourceDefinition":
+                    if doc["spec"]["names"]["plural"] in self.CONVERTED:
+                        doc["spec"]["conversion"] = conversion
+                    found.append(doc)
+        return found
+
+    def start(self, admin_api: Any, install_crds: Any, *, timeout: float = 90) -> Kueue:
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        assert self.stack is not None
+        self._certificates()
+        install_crds(self.crds())
+        core = client.CoreV1Api(admin_api)
+        _ensure_namespace(core, KUEUE_NAMESPACE)
+        secret = {"metadata": {"name": "kueue-webhook-server-cert"},
+                  "data": {name: self._b64(name) for name in ("ca.crt", "ca.key", "tls.crt", "tls.key")}}
+        try:
+            core.create_namespaced_secret(KUEUE_NAMESPACE, secret)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            core.replace_namespaced_secret("kueue-webhook-server-cert", KUEUE_NAMESPACE, secret)
+        config = {
+            "apiVersion": "config.kueue.x-k8s.io/v1beta2", "kind": "Configuration", "namespace": KUEUE_NAMESPACE,
+            "health": {"healthProbeBindAddress": f"{HOST}:{self.health_port}"},
+            "metrics": {"bindAddress": f"{HOST}:{self.metrics_port}"},
+            "webhook": {"port": self.webhook_port, "host": HOST, "certDir": str(self.certs)},
+            "leaderElection": {"leaderElect": False},
+            "integrations": {"frameworks": ["kubeflow.org/pytorchjob"]},
+        }
+        (self.workdir / "kueue.yaml").write_text(yaml.safe_dump(config))
+        self._spawn([f"--config={self.workdir / 'kueue.yaml'}", f"--kubeconfig={self.stack.admin_kubeconfig}",
+                     "--feature-gates=VisibilityOnDemand=false", "--zap-log-level=info"])
+        log = lambda: self.log.read_text(errors="replace")  # noqa: E731
+        self._wait(lambda: "CA certs are injected to webhooks" in log(), what="its certificates", timeout=timeout)
+        self._wait(lambda: any('"logger":"pytorchjob"' in line and "Starting workers" in line
+                               for line in log().splitlines()), what="its PyTorchJob controller", timeout=timeout)
         return self
 
 
