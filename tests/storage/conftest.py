@@ -59,6 +59,12 @@ def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bucket]
     _clear_s3fs_instances()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:  # -m "not s3" deselects them on a machine without Go, like -m "not cluster"
+        if "s3_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.s3)
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     for server in _started:
         terminalreporter.write_line(

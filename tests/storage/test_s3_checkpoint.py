@@ -150,6 +150,7 @@ def _complete_on_s3(bucket, stage_dir: str) -> list[int]:
             and fs.exists(f"{prefix}/{name}/{layout.COMPLETE_MARKER}")]
 
 
+@pytest.mark.slow
 def test_sigkill_and_resize_resume_from_s3_equal_an_uninterrupted_local_run(s3, tmp_path, local_reference) -> None:
     stage_dir = s3.uri("runs", "pretrain")
     logs = tmp_path / "logs"
