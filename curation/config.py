@@ -12,10 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from trainer.config import ARCHS, ConfigError, config_from_dict, pydantic_errors
+from trainer.config import ARCHS, ConfigError, config_from_dict, pydantic_errors, read_yaml_mapping
 
 __all__ = [
     "BalanceConfig",
@@ -249,10 +248,9 @@ def spec_from_dict(data: dict[str, Any]) -> CurationSpec:
 
 
 def load_spec(path: str | Path) -> CurationSpec:
-    """Read and validate a curation spec YAML file."""
+    """Read and validate a curation spec YAML file (``trainer.config.read_yaml_mapping``: the loader of the
+    experiment spec too, so both refuse duplicate keys, alias bombs, non-UTF-8 and multi-document files alike)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("spec", str(path), "an existing YAML file")
-    with path.open() as f:
-        data = yaml.safe_load(f)
-    return spec_from_dict(data)
+    return spec_from_dict(read_yaml_mapping(path))

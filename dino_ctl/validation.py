@@ -14,12 +14,11 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-import yaml
-from trainer.config import ConfigError, validate_world_size
+from trainer.config import ConfigError, read_yaml_mapping, validate_world_size
 
 from dino_ctl.errors import SpecError, SpecErrors
 from dino_ctl.naming import child_name
-from dino_ctl.spec import KIND, DinoExperiment, parse_spec
+from dino_ctl.spec import DinoExperiment, parse_spec
 from dino_ctl.stages import ResolvedExperiment, resolve_experiment, stage_config_error, stage_order, world_sizes
 
 __all__ = ["RDZV_PORT", "load_spec", "stage_order", "validate_experiment", "world_sizes"]
@@ -177,19 +176,18 @@ def validate_experiment(experiment: DinoExperiment, *, backend: str | None = Non
 
 
 def load_spec(path: str | Path) -> DinoExperiment:
-    """Read a spec file (YAML or JSON), check its shape and every cross-field rule; raise :class:`SpecErrors`.
+    """Read a spec file, check its shape and every cross-field rule; raise :class:`SpecErrors`.
 
-    A file holding several YAML documents must contain exactly one ``DinoExperiment``. The returned document carries
-    its resolution (:func:`~dino_ctl.stages.resolve_experiment` returns it without resolving again).
+    The file is read by ``trainer.config.read_yaml_mapping``, the loader of every command that reads a spec
+    (``validate``, ``render``, ``submit``, ``run``, ``checkpoints --spec``; ``curate`` for its own spec): one UTF-8
+    YAML mapping of at most 1 MiB, no duplicate keys, no alias expansion beyond 10,000 nodes, JSON types only (the
+    rules in :mod:`trainer.config.loading`). The returned document carries its resolution
+    (:func:`~dino_ctl.stages.resolve_experiment` returns it without resolving again).
     """
-    text = Path(path).read_text(encoding="utf-8")
     try:
-        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
-    except yaml.YAMLError as exc:
-        raise SpecErrors([SpecError(str(path), "<unparsable YAML>", f"valid YAML ({exc})")]) from None
-    experiments = [doc for doc in documents if not isinstance(doc, dict) or doc.get("kind", KIND) == KIND]
-    if len(experiments) != 1:
-        raise SpecErrors([SpecError(str(path), f"{len(experiments)} documents", f"exactly one {KIND} document")])
-    experiment = parse_spec(experiments[0])
+        document = read_yaml_mapping(path)
+    except ConfigError as exc:
+        raise SpecErrors([SpecError(exc.path, exc.value, exc.allowed, context=exc.context)]) from None
+    experiment = parse_spec(document)
     validate_experiment(experiment)
     return experiment

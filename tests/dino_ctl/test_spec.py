@@ -121,16 +121,18 @@ def test_server_metadata_is_ignored_when_reading_a_custom_resource() -> None:
     assert "status" not in experiment.to_document()
 
 
-def test_load_spec_reads_one_experiment_among_other_documents(tmp_path: Path) -> None:
+def test_load_spec_reads_exactly_one_document(tmp_path: Path) -> None:
+    """A spec file is one YAML mapping (tests/dino_ctl/test_spec_loading.py has a test per loading rule)."""
     path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(document()))
+    assert isinstance(load_spec(path), DinoExperiment)
     path.write_text(yaml.safe_dump_all([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ml"}},
                                         document()]))
-    assert isinstance(load_spec(path), DinoExperiment)
-    path.write_text(yaml.safe_dump_all([document(), document()]))
-    with pytest.raises(SpecErrors, match=r"invalid value '2 documents'; allowed: exactly one DinoExperiment document"):
+    with pytest.raises(SpecErrors, match=r"invalid value 'a second YAML document' at line 5; allowed: one document"):
         load_spec(path)
     path.write_text("spec: [unclosed")
-    with pytest.raises(SpecErrors, match=r"invalid value '<unparsable YAML>'; allowed: valid YAML"):
+    with pytest.raises(SpecErrors, match=r"invalid value \"did not find expected ',' or ']' at line 2, column 1\"; "
+                                         r"allowed: valid YAML"):
         load_spec(path)
 
 

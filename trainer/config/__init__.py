@@ -6,6 +6,8 @@ A small package, standard library (and PyYAML) only, so ``dino-ctl validate`` ne
 - :mod:`~trainer.config.recipes`: the named DINOv2 recipes as values over the defaults;
 - :mod:`~trainer.config.resolve`: defaults <- recipe <- file <- dotted overrides, type-checked with field paths;
 - :mod:`~trainer.config.validate`: semantic checks, and the rules that depend on the world size;
+- :mod:`~trainer.config.loading`: the one reader of YAML spec and config files (one bounded UTF-8 mapping, no
+  duplicate keys, no alias bombs, JSON types only);
 - :mod:`~trainer.config.errors`: :class:`ConfigError` (field path, bad value, what is allowed) and the translation of
   pydantic's errors into it.
 
@@ -14,7 +16,8 @@ Everything is re-exported here: ``from trainer.config import TrainConfig, resolv
 
 from __future__ import annotations
 
-from trainer.config.errors import ConfigError, pydantic_errors
+from trainer.config.errors import ConfigError, pydantic_errors, short_repr
+from trainer.config.loading import MAX_ALIAS_NODES, MAX_BYTES, MAX_DEPTH, parse_yaml_mapping, read_yaml_mapping
 from trainer.config.recipes import RECIPES
 from trainer.config.resolve import (
     apply_overrides,
@@ -52,6 +55,9 @@ from trainer.config.validate import (
 
 __all__ = [
     "ARCHS",
+    "MAX_ALIAS_NODES",
+    "MAX_BYTES",
+    "MAX_DEPTH",
     "RECIPES",
     "CheckpointConfig",
     "ConfigError",
@@ -74,9 +80,12 @@ __all__ = [
     "micro_batches",
     "model_config_from_dict",
     "parse_override",
+    "parse_yaml_mapping",
     "per_rank_batch",
     "pydantic_errors",
+    "read_yaml_mapping",
     "resolve_config",
+    "short_repr",
     "validate_config",
     "validate_fsdp",
     "validate_world_size",

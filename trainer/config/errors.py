@@ -12,7 +12,7 @@ import typing
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["ConfigError", "pydantic_errors"]
+__all__ = ["ConfigError", "pydantic_errors", "short_repr"]
 
 
 class ConfigError(ValueError):
@@ -26,7 +26,20 @@ class ConfigError(ValueError):
     def __init__(self, path: str, value: Any, allowed: str, *, context: str = "") -> None:
         self.path, self.value, self.allowed, self.context = path, value, allowed, context
         where = f" {context}" if context else ""
-        super().__init__(f"{path}: invalid value {value!r}{where}; allowed: {allowed}")
+        super().__init__(f"{path}: invalid value {short_repr(value)}{where}; allowed: {allowed}")
+
+
+MAX_VALUE_REPR = 200
+"""Characters of a bad value shown in an error message (a 100,000-element list stays one readable line)."""
+
+
+def short_repr(value: Any, limit: int = MAX_VALUE_REPR) -> str:
+    """``repr(value)`` cut to ``limit`` characters, with the length of what was cut."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # a self-containing or enormous value
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 # pydantic's names of union members and validator branches inside ``loc``: not fields

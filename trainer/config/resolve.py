@@ -14,9 +14,8 @@ import types
 import typing
 from typing import Any, Literal
 
-import yaml
-
 from trainer.config.errors import ConfigError
+from trainer.config.loading import read_yaml_mapping
 from trainer.config.recipes import RECIPES, merge
 from trainer.config.schema import ModelConfig, TrainConfig
 from trainer.config.validate import validate_config
@@ -186,10 +185,7 @@ def load_config_file(path: str | None, overrides: list[str], *, recipe: str | No
     unless ``recipe`` is given (default ``tiny`` when neither names one)."""
     file_values: dict[str, Any] = {}
     if path:
-        with open(path, encoding="utf-8") as handle:
-            file_values = yaml.safe_load(handle) or {}
-        if not isinstance(file_values, dict):
-            raise ConfigError("config", type(file_values).__name__, f"a mapping at the top of {path}")
+        file_values = read_yaml_mapping(path, allow_empty=True)
     name = recipe or file_values.pop("recipe", None) or "tiny"
     file_values.pop("recipe", None)
     parsed = dict(parse_override(item) for item in overrides)
