@@ -41,7 +41,7 @@ from trainer.meta_arch import TrainStep, build_models  # noqa: E402
 
 
 def _training_state(preset: str) -> tuple[dict, dict]:
-    """(checkpoint state, the same as plain state dicts) of a recipe after one step (every parameter has AdamW state)."""
+    """(checkpoint state, the same as plain state dicts) after one step: every parameter has AdamW state."""
     config = resolve_config(preset, overrides={"data.dataset": "synthetic", "optim.global_batch_size": 4})
     models = build_models(config)
     step = TrainStep(models, config)
