@@ -120,16 +120,18 @@ def storage_errors(uri: str, fs: fsspec.AbstractFileSystem | None = None) -> Ite
 def check_reachable(uri: str) -> None:
     """Ask the store whether ``uri``'s bucket exists and the credentials are accepted (raise StorageError if not).
 
-    Object stores only (one listing of the bucket); a local path needs no check. Run it before writing anything, so
-    a mistake is reported as itself and not as a half-written checkpoint or a "no checkpoint found" start.
+    Object stores only (one listing of ``uri`` itself, not of the bucket root: a policy may allow listing only below
+    a prefix); a local path needs no check. Run it before writing anything, so a mistake is reported as itself and
+    not as a half-written checkpoint or a "no checkpoint found" start. Nothing under ``uri`` yet is fine.
     """
     fs, root = fsspec.core.url_to_fs(uri)
     if is_local(fs) or not {*_protocols(fs)} & _BUCKET_PROTOCOLS:
         return
-    bucket = root.split("/", 1)[0]
-    with storage_errors(uri, fs):
-        try:
-            fs.ls(bucket, detail=False, refresh=True)
-        except FileNotFoundError as error:  # s3fs: NoSuchBucket; gcsfs: 404 on the bucket
-            raise StorageError(uri, "no-bucket", f"bucket {bucket!r} does not exist at {_endpoint(fs)}; create it "
-                               "first (dino-ctl never creates buckets)") from error
+    try:
+        fs.ls(root, detail=False, refresh=True)
+    except Exception as error:
+        translated = describe_error(uri, error, fs)
+        if translated is not None:
+            raise translated from error
+        if not isinstance(error, FileNotFoundError):  # FileNotFoundError alone: an empty prefix, a new location
+            raise
