@@ -69,7 +69,9 @@ def prepare(
     split: Annotated[Split, typer.Option(help="Fashion-MNIST split.")] = Split.TRAIN,
     limit: Annotated[int | None, typer.Option(min=1, help="Keep the first N samples (in SOURCE's order).")] = None,
     shard_size: Annotated[str, typer.Option(help="Shard size limit, e.g. 64mb.")] = "64mb",
-    overwrite: Annotated[bool, typer.Option(help="Replace the contents of a non-empty local --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace what --out holds (a local directory's contents; on an object store the dataset, its index.json "
+             "removed first).")] = False,
     verify: Annotated[bool, typer.Option(help="Decode every image and skip those that fail.")] = False,
     output: OutputOption = OutputFormat.TEXT,
 ) -> None:

@@ -71,3 +71,18 @@ def test_prepare_train_list_promote_export_and_eval_on_s3(s3, tmp_path) -> None:
                                               data["train"], "--test", data["test"], "--limit-train", "100",
                                               "--limit-test", "50", "--no-baseline", "--output", "json"]))
     assert from_checkpoint["num_train"] == 100 and set(from_checkpoint["top1"]) == {"trained"}
+
+
+def test_prepare_refuses_to_overwrite_a_published_dataset_unless_asked(s3) -> None:
+    runner = CliRunner()
+    out = s3.uri("datasets", "again")
+    command = ["data", "prepare", FASHION_MNIST, "--format", "fashion-mnist", "--split", "test", "--out", out,
+               "--output", "json"]
+    assert _ok(runner.invoke(app, [*command, "--limit", "20"]))["samples"] == 20
+    refused = runner.invoke(app, [*command, "--limit", "30"])
+    assert refused.exit_code == 2 and "already holds an MDS dataset" in json.loads(refused.stdout)["error"]
+    assert _ok(runner.invoke(app, [*command, "--limit", "30", "--overwrite"]))["samples"] == 30
+    index = json.loads(s3.fs.cat_file(f"{s3.name}/datasets/again/index.json"))
+    assert sum(shard["samples"] for shard in index["shards"]) == 30
+    deletes = [path for _, method, path in s3.server.requests() if method == "DELETE"]
+    assert deletes[-1].endswith("/datasets/again/index.json")  # unpublished before the new shards went up

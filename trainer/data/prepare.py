@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+import fsspec
 import numpy as np
 from PIL import Image
 
@@ -161,6 +162,22 @@ def _writer_out(out: str | tuple[str, str]) -> str | tuple[str, str]:
     return parsed.path if parsed.scheme == "file" else out
 
 
+def _unpublish_remote(out: str, *, overwrite: bool) -> None:
+    """An object-store ``out`` that already holds a dataset: refused, or with ``overwrite`` its index.json deleted
+    before any shard is replaced (streaming uploads shards over the old ones and never looks at the remote)."""
+    if urlparse(out).scheme in ("", "file"):
+        return  # the local directory: streaming's exist_ok check
+    fs, root = fsspec.core.url_to_fs(out)
+    index = f"{root.rstrip('/')}/index.json"
+    if not fs.exists(index):
+        return
+    if not overwrite:
+        raise FileExistsError(f"--out: {out} already holds an MDS dataset (index.json); allowed: a new location, or "
+                              "--overwrite to replace it")
+    logger.warning("replacing the dataset at %s: its index.json is removed first", out)
+    fs.rm_file(index)
+
+
 def _decodes(data: bytes) -> bool:
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -218,6 +235,8 @@ def prepare_dataset(
         raise ValueError(f"SOURCE: {source!r} holds no images; allowed extensions: {allowed}")
     result = PrepareResult(out=out if isinstance(out, str) else out[1], num_samples=0, classes=classes)
     check_reachable(result.out)  # before the first shard: a wrong bucket is reported as itself
+    with storage_errors(result.out):
+        _unpublish_remote(result.out, overwrite=overwrite)
     # index.json is written (uploaded) last: a failure before it leaves shards that no reader uses.
     with storage_errors(result.out), open_writer(_writer_out(out), size_limit=shard_size,
                                                  exist_ok=overwrite) as writer:
