@@ -91,6 +91,9 @@ def stage_config_error(experiment: DinoExperiment, stage: str, error: ConfigErro
         return SpecError(f"{prefix}.overrides.{error.path}", error.value, error.allowed, context=error.context)
     if error.path == "recipe":
         return SpecError(f"{prefix}.recipe", error.value, error.allowed)
+    if error.path == "seed":  # the spec decides it: the stage's own seed, else spec.seed
+        path = f"{prefix}.seed" if spec_stage.seed is not None else "spec.seed"
+        return SpecError(path, error.value, error.allowed, context=error.context)
     if error.path in ("stage.init_from", "stage.teacher_from"):
         field = "init" if error.path == "stage.init_from" else "teacher"
         kind = "highres" if field == "init" else "distill"

@@ -15,19 +15,126 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from trainer.config import ConfigError, read_yaml_mapping, validate_world_size
+from trainer.config.validate import MAX_SEED
 
 from dino_ctl.errors import SpecError, SpecErrors
 from dino_ctl.naming import child_name
+from dino_ctl.render.common import trainer_env
 from dino_ctl.spec import DinoExperiment, parse_spec
 from dino_ctl.stages import ResolvedExperiment, resolve_experiment, stage_config_error, stage_order, world_sizes
 
-__all__ = ["RDZV_PORT", "load_spec", "stage_order", "validate_experiment", "world_sizes"]
+__all__ = [
+    "MAX_GPUS_PER_NODE",
+    "MAX_ITEMS",
+    "MAX_NODES",
+    "MAX_PROCS_PER_NODE",
+    "RDZV_PORT",
+    "experiment_warnings",
+    "load_spec",
+    "stage_order",
+    "validate_experiment",
+    "world_sizes",
+]
 
 logger = logging.getLogger(__name__)
 
 RDZV_PORT = 29400
 """torchrun's c10d rendezvous port (PyTorchJob elastic) and Trainer v2's PET_MASTER_PORT."""
+MAX_NODES = 512
+"""Nodes per stage (4,096 GPUs at 8 per node; no DINOv2 recipe comes near): a typo is not a world size."""
+MAX_GPUS_PER_NODE = 16
+"""GPUs per node (the largest GPU servers have 8 or 16)."""
+MAX_PROCS_PER_NODE = 64
+"""Trainer processes per node (CPU nodes: procsPerNode without GPUs)."""
+MAX_ITEMS = {"spec.stages": 32, "spec.env": 256, "spec.data.streams": 256, "spec.imagePullSecrets": 64,
+             "spec.resources.tolerations": 64, "spec.storage.credentials.envKeys": 64}
+"""Longest lists (checked before anything else, so no later rule meets a list it would be slow on)."""
+RESERVED_ENV_PREFIX = "PET_"
+"""torchrun's settings, which the training-operator and Kubeflow Trainer inject into every trainer container."""
 _SECRET_NAME = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL)", re.IGNORECASE)
+
+
+def _list_lengths(experiment: DinoExperiment) -> dict[str, int]:
+    spec = experiment.spec
+    credentials = spec.storage.credentials
+    return {"spec.stages": len(spec.stages), "spec.env": len(spec.env), "spec.data.streams": len(spec.data.streams),
+            "spec.imagePullSecrets": len(spec.image_pull_secrets),
+            "spec.resources.tolerations": len(spec.resources.tolerations),
+            "spec.storage.credentials.envKeys": len(credentials.env_keys) if credentials is not None else 0}
+
+
+def _size_errors(experiment: DinoExperiment) -> Iterator[SpecError]:
+    """Lists no longer than :data:`MAX_ITEMS`; node counts and GPUs within their bounds."""
+    for path, length in _list_lengths(experiment).items():
+        if length > MAX_ITEMS[path]:
+            yield SpecError(path, f"{length} items", f"at most {MAX_ITEMS[path]} (a sane upper bound)")
+    spec = experiment.spec
+    ranges = [("spec.resources.nodes", spec.resources.nodes)]
+    ranges += [(f"spec.stages[{i}].nodes", s.nodes) for i, s in enumerate(spec.stages) if s.nodes is not None]
+    for path, nodes in ranges:
+        for end in ("min", "max"):
+            if getattr(nodes, end) > MAX_NODES:
+                yield SpecError(f"{path}.{end}", getattr(nodes, end),
+                                f"at most {MAX_NODES} nodes (a sane upper bound; is there an extra digit?)")
+    resources = spec.resources
+    if resources.gpus_per_node > MAX_GPUS_PER_NODE:
+        yield SpecError("spec.resources.gpusPerNode", resources.gpus_per_node,
+                        f"at most {MAX_GPUS_PER_NODE} (the GPUs of one node)")
+    if resources.procs_per_node is not None and resources.procs_per_node > MAX_PROCS_PER_NODE:
+        yield SpecError("spec.resources.procsPerNode", resources.procs_per_node, f"at most {MAX_PROCS_PER_NODE}")
+
+
+def _seed_errors(experiment: DinoExperiment) -> Iterator[SpecError]:
+    seeds = [("spec.seed", experiment.spec.seed)]
+    seeds += [(f"spec.stages[{i}].seed", s.seed) for i, s in enumerate(experiment.spec.stages) if s.seed is not None]
+    for path, seed in seeds:
+        if not 0 <= seed <= MAX_SEED:
+            yield SpecError(path, seed, f"0..{MAX_SEED} (NumPy's seed range; negative seeds fail)")
+
+
+def _env_errors(experiment: DinoExperiment) -> Iterator[SpecError]:
+    """Env names the trainer container gets once each: the API server refuses a pod template with a name twice
+    (server-side apply: HTTP 500 'duplicate entries for key [name="A"]'), and the ones dino-ctl and the operators
+    set are theirs."""
+    spec = experiment.spec
+    credentials = spec.storage.credentials
+    if credentials is not None and credentials.mount == "env":
+        seen: dict[str, int] = {}
+        for k, key in enumerate(credentials.env_keys):
+            if key in seen:
+                yield SpecError(f"spec.storage.credentials.envKeys[{k}]", key,
+                                f"a key not already listed (envKeys[{seen[key]}])")
+            seen.setdefault(key, k)
+    ours = _dino_ctl_env(experiment)
+    first: dict[str, int] = {}
+    for i, var in enumerate(spec.env):
+        if var.name in first:
+            yield SpecError(f"spec.env[{i}].name", var.name, f"a name no other env entry uses (spec.env[{first[var.name]}])")
+        elif var.name in ours:
+            yield SpecError(f"spec.env[{i}].name", var.name, f"a name dino-ctl does not set itself ({ours[var.name]})")
+        elif var.name.startswith(RESERVED_ENV_PREFIX):
+            yield SpecError(f"spec.env[{i}].name", var.name, f"a name without the {RESERVED_ENV_PREFIX} prefix (torchrun "
+                            "settings the training operators inject)")
+        first.setdefault(var.name, i)
+    seen_secrets: dict[str, int] = {}
+    for i, name in enumerate(spec.image_pull_secrets):
+        if name in seen_secrets:
+            yield SpecError(f"spec.imagePullSecrets[{i}]", name, f"a Secret not already listed "
+                            f"(imagePullSecrets[{seen_secrets[name]}])")
+        seen_secrets.setdefault(name, i)
+
+
+def _dino_ctl_env(experiment: DinoExperiment) -> dict[str, str]:
+    """``{name: where it comes from}`` of every env var the renderers set besides ``spec.env`` (read from the
+    renderers' own list, so the two cannot drift)."""
+    without_user_env = experiment.model_copy(update={"spec": experiment.spec.model_copy(update={"env": []})})
+    names = {var["name"]: "set by dino-ctl" for var in trainer_env(without_user_env, experiment.spec.stages[0].name)}
+    credentials = experiment.spec.storage.credentials
+    for key in credentials.env_keys if credentials is not None and credentials.mount == "env" else ():
+        names[key] = "spec.storage.credentials.envKeys"
+    if experiment.spec.storage.endpoint_url:
+        names.update(AWS_ENDPOINT_URL="spec.storage.endpointUrl", S3_ENDPOINT_URL="spec.storage.endpointUrl")
+    return names
 
 
 def _graph_errors(experiment: DinoExperiment) -> Iterator[SpecError]:
@@ -141,25 +248,65 @@ def _world_size_errors(resolved: ResolvedExperiment) -> Iterator[SpecError]:
                 where = f"nodes {nodes.min}..{nodes.max} x {procs} processes; {size // procs} nodes give world size {size}"
                 yield SpecError(error.path, error.value, f"{error.allowed} [{where}]", context=error.context)
                 break
-        if nodes.min != nodes.max and experiment.spec.data.num_canonical_nodes is None and stage.config.data.streams:
-            logger.warning(
-                "stage %s is elastic (%d..%d nodes) and spec.data.numCanonicalNodes is unset: using %d",
-                stage.name, nodes.min, nodes.max, nodes.max,
+
+
+def _stage_link_errors(resolved: ResolvedExperiment) -> Iterator[SpecError]:
+    """A high-resolution stage raises the global crop size of the stage it starts from (``init``): at the same or a
+    smaller size it would repeat (or undo) the pretraining, not adapt it to a higher resolution."""
+    experiment = resolved.experiment
+    for stage in resolved:
+        spec_stage = experiment.spec.stage(stage.name)
+        if spec_stage.init is None or stage.config.stage.kind != "highres":
+            continue
+        parent = resolved.stage(spec_stage.init.from_)
+        size, parent_size = stage.config.data.crops.global_size, parent.config.data.crops.global_size
+        if size <= parent_size:
+            allowed = (f"more than {parent_size}, the global crop size of {parent.name} (init.from): a highres stage "
+                       "raises the resolution")
+            yield stage_config_error(experiment, stage.name, ConfigError("data.crops.global_size", size, allowed))
+
+
+def experiment_warnings(resolved: ResolvedExperiment) -> list[str]:
+    """Settings that are valid but probably not meant (printed on stderr; ``validate -o json`` lists them).
+
+    - ``checkpoint.interval_iterations >= optim.iterations``: no checkpoint before the final one, so a pod lost to
+      anything but a SIGTERM (which still writes one) restarts the stage from its first step. A warning, not an
+      error: it is also the only way to ask for the final checkpoint alone, which short stages and tests want.
+    - an elastic stage without ``spec.data.numCanonicalNodes``.
+    """
+    experiment, found = resolved.experiment, []
+    for stage in resolved:
+        interval, iterations = stage.config.checkpoint.interval_iterations, stage.config.optim.iterations
+        if interval >= iterations:
+            found.append(
+                f"spec.stages[{stage.index}]: checkpoint.interval_iterations {interval} >= optim.iterations "
+                f"{iterations}: stage {stage.name} writes no checkpoint before its last step, so a failed pod "
+                "restarts it from the beginning (a SIGTERM still writes one)"
             )
+        nodes = stage.nodes
+        if nodes.min != nodes.max and experiment.spec.data.num_canonical_nodes is None and stage.config.data.streams:
+            found.append(f"stage {stage.name} is elastic ({nodes.min}..{nodes.max} nodes) and "
+                         f"spec.data.numCanonicalNodes is unset: using {nodes.max}")
+    return found
 
 
 def validate_experiment(experiment: DinoExperiment, *, backend: str | None = None) -> ResolvedExperiment:
     """Run every cross-field rule; raise :class:`SpecErrors` listing all violations; return the resolved experiment.
 
-    ``backend`` overrides ``spec.backend`` (``dino-ctl render --backend``) for the backend-specific rules.
+    ``backend`` overrides ``spec.backend`` (``dino-ctl render --backend``) for the backend-specific rules. Warnings
+    (:func:`experiment_warnings`) are logged.
     """
     backend = backend or experiment.spec.backend
-    errors = [
-        *_graph_errors(experiment),
-        *_resource_errors(experiment, backend),
-        *_storage_errors(experiment, backend),
-        *_child_name_errors(experiment),
-    ]
+    errors = list(_size_errors(experiment))
+    if not errors:  # the other rules walk the lists: only once they are known to be short
+        errors = [
+            *_seed_errors(experiment),
+            *_graph_errors(experiment),
+            *_resource_errors(experiment, backend),
+            *_storage_errors(experiment, backend),
+            *_env_errors(experiment),
+            *_child_name_errors(experiment),
+        ]
     resolved = None
     if not errors:  # trainer configs need a sound graph (init/teacher resolution follows it)
         try:
@@ -167,11 +314,14 @@ def validate_experiment(experiment: DinoExperiment, *, backend: str | None = Non
         except SpecErrors as exc:
             errors.extend(exc.errors)
         else:
+            errors.extend(_stage_link_errors(resolved))
             errors.extend(_world_size_errors(resolved))
     unique = list({str(error): error for error in errors}.values())  # a shared field fails once, not per stage
     if unique:
         raise SpecErrors(unique)
     assert resolved is not None
+    for warning in experiment_warnings(resolved):
+        logger.warning("%s", warning)
     return resolved
 
 

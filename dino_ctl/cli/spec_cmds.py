@@ -56,13 +56,17 @@ def _stage_rows(experiment: Any) -> list[list[Any]]:
 
 def validate(spec_path: SpecArgument, output: OutputOption = OutputFormat.TEXT) -> None:
     """Check a spec: shape, stage graph, recipes and overrides, world sizes. Exit 0 if valid, 2 otherwise."""
-    experiment = load_spec_or_exit(spec_path, output)
+    from dino_ctl.stages import resolve_experiment
+    from dino_ctl.validation import experiment_warnings
+
+    experiment = load_spec_or_exit(spec_path, output)  # warnings are logged on stderr
     rows = _stage_rows(experiment)
     if output == OutputFormat.JSON:
         stages = [dict(zip(["name", "recipe", "after", "nodes", "worldSizes", "globalBatchSize", "iterations",
                             "checkpointDir"], row)) for row in rows]
         emit({"valid": True, "source": str(spec_path), "name": experiment.name, "namespace": experiment.namespace,
-              "backend": experiment.spec.backend, "stages": stages})
+              "backend": experiment.spec.backend, "stages": stages,
+              "warnings": experiment_warnings(resolve_experiment(experiment))})
         return
     console.print(f"[green]valid[/] {spec_path}: DinoExperiment {experiment.name} "
                   f"(namespace {experiment.namespace}, backend {experiment.spec.backend})")

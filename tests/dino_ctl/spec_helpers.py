@@ -46,9 +46,10 @@ def document(**spec_overrides: Any) -> dict[str, Any]:
             "stages": [
                 {"name": "pretrain", "recipe": "tiny", "overrides": {"data.dataset": "mds"}},
                 {"name": "highres", "recipe": "tiny", "init": {"from": "pretrain"},
-                 "overrides": {"data.dataset": "mds", "stage.kind": "highres", "model.img_size": 64}},
+                 "overrides": {"data.dataset": "mds", "stage.kind": "highres", "model.img_size": 64,
+                               "data.crops.global_size": 64}},
                 {"name": "distill", "recipe": "tiny", "teacher": {"from": "highres"},
-                 "overrides": {"data.dataset": "mds", "stage.kind": "distill", "model.arch": "vit_tiny"}},
+                 "overrides": {"data.dataset": "mds", "stage.kind": "distill", "model.depth": 2}},
             ],
         },
     }

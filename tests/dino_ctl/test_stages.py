@@ -48,7 +48,7 @@ def test_teacher_links_checkpoint_and_teacher_model() -> None:
     distill = stage_train_config(exp, "distill")
     assert distill.stage.teacher_from == "s3://bucket/runs/demo/highres"
     assert distill.stage.teacher_model == stage_train_config(exp, "highres").model
-    assert distill.model.arch == "vit_tiny"
+    assert (distill.model.arch, distill.model.depth) == ("vit_pico", 2)  # a student smaller than its teacher
 
 
 def test_highres_example_keeps_the_vitl14_architecture_at_518() -> None:

@@ -146,7 +146,7 @@ def test_file_storage_only_on_this_machine(backend: str, torchx: str | None, val
 
 
 def test_credentials_only_by_secret_reference() -> None:
-    doc = document(env=[{"name": "AWS_SECRET_ACCESS_KEY", "value": "hunter2"}, {"name": "NCCL_DEBUG", "value": "WARN"},
+    doc = document(env=[{"name": "HF_TOKEN", "value": "hunter2"}, {"name": "NCCL_DEBUG", "value": "WARN"},
                         {"name": "WANDB_API_TOKEN", "secretKeyRef": {"name": "wandb", "key": "token"}}])
     assert _messages(doc) == [
         "spec.env[0].value: invalid value '<redacted>'; allowed: a secretKeyRef: credentials come from Secrets, "

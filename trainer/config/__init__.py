@@ -46,6 +46,8 @@ from trainer.config.schema import (
     TrainConfig,
 )
 from trainer.config.validate import (
+    LIMITS,
+    backbone_num_parameters,
     micro_batches,
     per_rank_batch,
     validate_config,
@@ -55,6 +57,7 @@ from trainer.config.validate import (
 
 __all__ = [
     "ARCHS",
+    "LIMITS",
     "MAX_ALIAS_NODES",
     "MAX_BYTES",
     "MAX_DEPTH",
@@ -74,6 +77,7 @@ __all__ = [
     "StreamConfig",
     "TrainConfig",
     "apply_overrides",
+    "backbone_num_parameters",
     "config_from_dict",
     "config_to_dict",
     "load_config_file",
