@@ -270,3 +270,12 @@ def test_curate_uses_the_same_loader(tmp_path: Path) -> None:
     result = runner.invoke(app, ["curate", str(path), "--render", "--image", "x"])
     assert result.exit_code == 2, result.output
     assert "name: invalid value 'name' at lines" in " ".join(result.output.split())
+
+
+def test_json_exponent_numbers_are_floats() -> None:
+    """Found by test_spec_properties: YAML 1.1 reads JSON's ``1e-05`` (no dot) as a string, so a spec written as
+    JSON (``kubectl get -o json``) lost its numbers; YAML 1.2 and Kubernetes read a float."""
+    assert parse_yaml_mapping('{"lr": 1e-05, "tiny": 5e-324, "big": 1E+3, "text": "1e5"}') == {
+        "lr": 1e-05, "tiny": 5e-324, "big": 1000.0, "text": "1e5"}
+    with pytest.raises(ConfigError, match=r"lr: invalid value '1e400' at line 1; allowed: a finite number"):
+        parse_yaml_mapping("lr: 1e400")

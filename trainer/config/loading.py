@@ -16,7 +16,8 @@ every rule below is a :class:`~trainer.config.errors.ConfigError` with a one-lin
 - nesting at most :data:`MAX_DEPTH` levels deep;
 - aliases repeat at most :data:`MAX_ALIAS_NODES` nodes in all (a small document cannot expand beyond its size plus
   that), and no alias refers to the collection it sits in;
-- only what JSON has: mappings, lists, strings, integers that fit 64 bits, finite floats, booleans and null.
+- only what JSON has: mappings, lists, strings, integers that fit 64 bits, finite floats, booleans and null; a JSON
+  number with an exponent and no dot (``1e-05``) is a float, as in YAML 1.2 and Kubernetes (YAML 1.1: a string).
   Unquoted dates stay strings (as Kubernetes reads YAML); ``!!binary``, ``!!set``, ``!!timestamp``, ``!!python/...``
   and other tags are errors. Merge keys (``<<: *defaults``) work as in YAML 1.1, explicit keys winning.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +59,7 @@ MAX_ALIAS_NODES = 10_000
 """Nodes (scalars, lists, mappings) that all aliases of a document may repeat together."""
 
 _INT64 = (-(2**63), 2**63 - 1)
+_JSON_EXPONENT = re.compile(r"^-?(0|[1-9][0-9]*)(\.[0-9]*)?[eE][-+]?[0-9]+$")
 _YAML = "tag:yaml.org,2002:"
 _SCALAR_TAGS = {f"{_YAML}{name}" for name in ("str", "int", "float", "bool", "null", "value")}
 _MERGE = f"{_YAML}merge"
@@ -160,6 +163,10 @@ class _Builder:
             tag = _RESOLVER.resolve(ScalarNode, event.value, event.implicit) if tag is None else f"{_YAML}str"
             if tag == f"{_YAML}timestamp":
                 tag = f"{_YAML}str"  # an unquoted date stays the text it is (as Kubernetes reads YAML)
+            elif tag == f"{_YAML}str" and event.implicit[0] and _JSON_EXPONENT.match(event.value):
+                # YAML 1.1 needs a dot in a float, so JSON's 1e-05 (json.dumps, kubectl -o json) would be a string;
+                # YAML 1.2 and Kubernetes read it as the number it is
+                tag = f"{_YAML}float"
         top = self.stack[-1] if self.stack else None
         if tag == _MERGE:
             if top is None or not isinstance(top.container, dict) or top.key is not None:
