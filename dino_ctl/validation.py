@@ -330,7 +330,7 @@ def load_spec(path: str | Path) -> DinoExperiment:
 
     The file is read by ``trainer.config.read_yaml_mapping``, the loader of every command that reads a spec
     (``validate``, ``render``, ``submit``, ``run``, ``checkpoints --spec``; ``curate`` for its own spec): one UTF-8
-    YAML mapping of at most 1 MiB, no duplicate keys, no alias expansion beyond 10,000 nodes, JSON types only (the
+    YAML mapping of at most 256 KiB, no duplicate keys, no alias expansion beyond 10,000 nodes, JSON types only (the
     rules in :mod:`trainer.config.loading`). The returned document carries its resolution
     (:func:`~dino_ctl.stages.resolve_experiment` returns it without resolving again).
     """

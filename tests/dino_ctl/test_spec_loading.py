@@ -180,7 +180,7 @@ def test_recursive_alias(tmp_path: Path) -> None:
 def test_file_size_bound(tmp_path: Path) -> None:
     big = "a: '" + "x" * MAX_BYTES + "'\n"
     assert _error(tmp_path, big) == (
-        "spec.yaml: invalid value 'more than 1,048,576 bytes'; allowed: at most 1,048,576 bytes (1 MiB)"
+        "spec.yaml: invalid value 'more than 262,144 bytes'; allowed: at most 262,144 bytes (256 KiB)"
     )
 
 
@@ -279,3 +279,13 @@ def test_json_exponent_numbers_are_floats() -> None:
         "lr": 1e-05, "tiny": 5e-324, "big": 1000.0, "text": "1e5"}
     with pytest.raises(ConfigError, match=r"lr: invalid value '1e400' at line 1; allowed: a finite number"):
         parse_yaml_mapping("lr: 1e400")
+
+
+def test_the_worst_file_within_the_bound_loads_quickly() -> None:
+    """The most nodes a file within MAX_BYTES can hold (one-character list items): under a second on an idle core;
+    the bound here leaves room for a loaded machine."""
+    text = "a: [" + "1," * (MAX_BYTES // 2 - 4) + "1]\n"
+    assert len(text) <= MAX_BYTES
+    started = time.perf_counter()
+    assert len(parse_yaml_mapping(text)["a"]) == MAX_BYTES // 2 - 3
+    assert time.perf_counter() - started < 5.0

@@ -117,7 +117,8 @@ EDGES = [0, 1, -1, 2, 3, 7, 14, 16, 32, 0.5, 1.0, 1.5, -0.5, 1e-9, 2**31, 2**32,
          "", "x", "vit_small", "highres", "distill", "s3://b/x", None, True, False, [], {}, [1, 2], [0.1, 0.9],
          {"a": 1}, {"min": 1, "max": 2}]
 BASES = [yaml.safe_load(path.read_text()) for path in example_specs()]
-json_scalars = st.one_of(st.sampled_from(EDGES), st.integers(-(2**63), 2**63 - 1),
+json_scalars = st.one_of(st.sampled_from(EDGES).map(copy.deepcopy),  # copies: mutations edit them in place
+                         st.integers(-(2**63), 2**63 - 1),
                          st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=12))
 json_values = st.recursive(json_scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)), max_leaves=6)

@@ -8,8 +8,8 @@ no word for, and reads a 4,301-digit integer into a ``ValueError``. This loader 
 parser's events itself (libyaml's C parser where PyYAML has it), one event at a time and without recursion, and
 every rule below is a :class:`~trainer.config.errors.ConfigError` with a one-line reason:
 
-- the file is a regular file of at most :data:`MAX_BYTES` (1 MiB; a spec is a few KiB, the Kubernetes API stores
-  objects up to 1.5 MiB);
+- the file is a regular file of at most :data:`MAX_BYTES` (256 KiB: a spec is a few KiB; the bound keeps the worst
+  case, a file of one-character list items, under a second);
 - UTF-8 text (a UTF-8 byte-order mark is skipped), not binary (no NUL byte), with exactly one YAML document whose
   top level is a mapping (an empty file, a comment-only file or a second ``---`` document is an error);
 - no key twice in any mapping (the error names the key's path and both line numbers); keys are strings;
@@ -51,8 +51,8 @@ except ImportError:  # PyYAML built without libyaml: the pure-Python parser give
 
 __all__ = ["MAX_ALIAS_NODES", "MAX_BYTES", "MAX_DEPTH", "parse_yaml_mapping", "read_yaml_mapping"]
 
-MAX_BYTES = 1 << 20
-"""Largest file read, in bytes (1 MiB)."""
+MAX_BYTES = 256 << 10
+"""Largest file read, in bytes (256 KiB)."""
 MAX_DEPTH = 64
 """Deepest nesting of mappings and lists (a spec needs about 8; deeper input would only recurse its consumers)."""
 MAX_ALIAS_NODES = 10_000
@@ -328,7 +328,7 @@ def parse_yaml_mapping(data: bytes | str, *, source: str = "<document>", allow_e
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogatepass")
     if len(data) > MAX_BYTES:
-        raise ConfigError(source, f"{len(data):,} bytes", f"at most {MAX_BYTES:,} bytes (1 MiB)")
+        raise ConfigError(source, f"{len(data):,} bytes", f"at most {MAX_BYTES:,} bytes (256 KiB)")
     text = _text(data, source)
     try:
         document = _document(text, source)
@@ -361,5 +361,5 @@ def read_yaml_mapping(path: str | os.PathLike[str], *, allow_empty: bool = False
     except OSError as exc:
         raise ConfigError(source, exc.strerror or type(exc).__name__, "a readable file") from None
     if len(data) > MAX_BYTES:
-        raise ConfigError(source, f"more than {MAX_BYTES:,} bytes", f"at most {MAX_BYTES:,} bytes (1 MiB)")
+        raise ConfigError(source, f"more than {MAX_BYTES:,} bytes", f"at most {MAX_BYTES:,} bytes (256 KiB)")
     return parse_yaml_mapping(data, source=source, allow_empty=allow_empty)
