@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -31,14 +30,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.processes import free_port
+
 __all__ = ["find_free_port", "run_distributed"]
 
 
-def find_free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1 (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+find_free_port = free_port
+"""A TCP port that was free a moment ago on 127.0.0.1 (:func:`tests.processes.free_port`)."""
 
 
 def _worker(

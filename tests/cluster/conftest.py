@@ -20,6 +20,7 @@ import yaml
 
 from dino_ctl.kube import KubeClient
 from tests.cluster.stack import KubeStack, StackError
+from tests.processes import running
 
 HERE = Path(__file__).parent
 
@@ -33,15 +34,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def kube_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeStack]:
     stack = KubeStack(tmp_path_factory.mktemp("kube-stack"))
-    try:
-        stack.start()
-    except StackError as exc:
-        stack.stop()
-        pytest.fail(f"the test control plane did not start: {exc}", pytrace=False)
-    try:
+    with running(stack, stack.start, what="the test control plane", errors=(StackError,)):
         yield stack
-    finally:
-        stack.stop()
 
 
 def api_client(stack: KubeStack, kubeconfig: Path | None = None) -> Any:

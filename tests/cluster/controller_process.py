@@ -14,13 +14,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.cluster.stack import HOST, REPO, free_port
+from tests.processes import HOST, REPO, free_port, http_status, stop_process
 
 __all__ = ["ChartIdentity", "ControllerProcess", "chart_objects", "install_chart_identity", "listening_addresses"]
 
@@ -70,16 +69,6 @@ def install_chart_identity(dynamic: Any, admin_api: Any, namespace: str, kubecon
     return ChartIdentity(namespace, name, role, token, kubeconfig_for(namespace, token))
 
 
-def _http_status(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 (loopback)
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except (urllib.error.URLError, OSError):
-        return None
-
-
 @dataclass
 class ControllerProcess:
     """``python -m dino_ctl.controller`` for one namespace, authenticated by ``kubeconfig``; restartable."""
@@ -122,7 +111,7 @@ class ControllerProcess:
             assert self.popen is not None
             if self.popen.poll() is not None:
                 raise AssertionError(f"the controller exited with {self.popen.returncode}:\n{self.tail()}")
-            if _http_status(url) == 200:
+            if http_status(url) == 200:
                 return
             time.sleep(0.1)
         raise AssertionError(f"the controller's {url} did not answer in {timeout:.0f} s:\n{self.tail()}")
@@ -140,18 +129,10 @@ class ControllerProcess:
 
     def stop(self) -> None:
         """SIGTERM (kopf stops gracefully), SIGKILL after 10 s; only this process, by PID."""
-        if self.popen is None or self.popen.poll() is not None:
-            return
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            self.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
+        stop_process(self.popen, grace=10)
 
     def tail(self, lines: int = 60) -> str:
-        text = "\n".join(path.read_text(errors="replace") for path in sorted(self.log_dir.glob("controller-*.log")))
-        return "\n".join(text.splitlines()[-lines:])
+        return "\n".join(self.logs().splitlines()[-lines:])
 
     def logs(self) -> str:
         return "\n".join(path.read_text(errors="replace") for path in sorted(self.log_dir.glob("controller-*.log")))

@@ -15,22 +15,19 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.processes import HOST, REPO, free_port, http_status, log_tail, stack_script_output, wait_ready
+
 __all__ = ["ADMIN_TOKEN", "KubeStack", "StackError", "bin_dir", "crd_dir", "free_port", "kubeconfig"]
 
-REPO = Path(__file__).resolve().parents[2]
 ADMIN_TOKEN = "dino-ctl-test-admin"  # noqa: S105 (a test cluster's static token, loopback only)
 SERVICE_CIDR = "10.96.0.0/16"
-HOST = "127.0.0.1"
 
 
 class StackError(RuntimeError):
@@ -40,37 +37,34 @@ class StackError(RuntimeError):
 def bin_dir() -> Path:
     """Where ``scripts/k8s-stack.sh`` puts the binaries (``$DINO_CTL_K8S_BIN`` overrides)."""
     configured = os.environ.get("DINO_CTL_K8S_BIN")
-    if configured:
-        return Path(configured)
-    out = subprocess.run(["bash", str(REPO / "scripts" / "k8s-stack.sh"), "--print"], check=True,
-                         capture_output=True, text=True)
-    return Path(out.stdout.strip())
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
+    return Path(configured) if configured else stack_script_output("--print")
 
 
 def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
-def make_pki(directory: Path) -> None:
-    """CA, API-server serving certificate (127.0.0.1, localhost, the service IP) and a service-account key pair."""
+def make_ca_and_serving_cert(directory: Path, *, ca_subject: str, subject: str, alt_names: str, stem: str,
+                             days: int) -> None:
+    """``ca.key``/``ca.crt`` and a serving certificate ``<stem>.key``/``<stem>.crt`` it signs for ``alt_names``."""
     directory.mkdir(parents=True, exist_ok=True)
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-             "-subj", "/CN=dino-ctl-test-ca", cwd=directory)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days",
+             str(days), "-subj", ca_subject, cwd=directory)
     (directory / "san.cnf").write_text(
         "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
-        "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
-        "DNS:kubernetes.default.svc\n")
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "apiserver.key", "-out", "apiserver.csr",
-             "-subj", "/CN=kube-apiserver", cwd=directory)
-    _openssl("x509", "-req", "-in", "apiserver.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "apiserver.crt", "-days", "2", "-extfile", "san.cnf", cwd=directory)
+        f"subjectAltName={alt_names}\n")
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{stem}.key", "-out", f"{stem}.csr",
+             "-subj", subject, cwd=directory)
+    _openssl("x509", "-req", "-in", f"{stem}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", f"{stem}.crt", "-days", str(days), "-extfile", "san.cnf", cwd=directory)
+
+
+def make_pki(directory: Path) -> None:
+    """CA, API-server serving certificate (127.0.0.1, localhost, the service IP) and a service-account key pair."""
+    make_ca_and_serving_cert(
+        directory, ca_subject="/CN=dino-ctl-test-ca", subject="/CN=kube-apiserver", stem="apiserver", days=2,
+        alt_names="IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
+                  "DNS:kubernetes.default.svc")
     _openssl("genrsa", "-out", "sa.key", "2048", cwd=directory)
     _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=directory)
 
@@ -169,8 +163,9 @@ class KubeStack:
 
     def _spawn(self, name: str, args: list[str]) -> _Process:
         log = self.workdir / f"{name}.log"
-        popen = subprocess.Popen([str(self.binaries / name), *args], stdout=log.open("wb"),
-                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        with log.open("wb") as handle:  # the child keeps its own descriptor
+            popen = subprocess.Popen([str(self.binaries / name), *args], stdout=handle,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         proc = _Process(name, popen, log)
         self.processes.append(proc)
         return proc
@@ -184,7 +179,7 @@ class KubeStack:
             f"--initial-advertise-peer-urls={peer_url}", f"--initial-cluster=default={peer_url}",
             "--unsafe-no-fsync", "--quota-backend-bytes=2147483648", "--log-level=warn",
         ])
-        self._poll(proc, lambda: _http_ok(f"{client_url}/health"), what="etcd /health", timeout=60)
+        self._poll(proc, lambda: http_status(f"{client_url}/health") == 200, what="etcd /health", timeout=60)
         return client_url
 
     def _start_apiserver(self, etcd_url: str) -> None:
@@ -208,7 +203,7 @@ class KubeStack:
     def _wait_ready(self) -> None:
         apiserver = next(p for p in self.processes if p.name == "kube-apiserver")
         context = ssl.create_default_context(cafile=str(self.ca_file))
-        self._poll(apiserver, lambda: _http_ok(f"{self.server}/readyz", token=ADMIN_TOKEN, context=context),
+        self._poll(apiserver, lambda: http_status(f"{self.server}/readyz", token=ADMIN_TOKEN, context=context) == 200,
                    what="kube-apiserver /readyz", timeout=120)
 
     def _start_controller_manager(self) -> None:
@@ -238,23 +233,15 @@ class KubeStack:
         manager = next(p for p in self.processes if p.name == "kube-controller-manager")
         context = ssl.create_default_context(cafile=str(self.ca_file))
         url = f"{self.server}/api/v1/namespaces/default/serviceaccounts/default"
-        self._poll(manager, lambda: _http_ok(url, token=ADMIN_TOKEN, context=context),
+        self._poll(manager, lambda: http_status(url, token=ADMIN_TOKEN, context=context) == 200,
                    what="the default ServiceAccount (controller manager)", timeout=90)
 
     def _poll(self, proc: _Process, ready: Any, *, what: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.popen.poll() is not None:
-                raise StackError(f"{proc.name} exited with {proc.popen.returncode} before {what}; "
-                                 f"last lines of {proc.log}:\n{_tail(proc.log)}")
-            if ready():
-                return
-            time.sleep(0.2)
-        raise StackError(f"{what} not ready after {timeout:.0f} s; last lines of {proc.log}:\n{_tail(proc.log)}")
+        wait_ready(proc.popen, ready, name=proc.name, what=what, timeout=timeout, log=proc.log, error=StackError)
 
     def logs(self) -> str:
         """The last lines of every process's log (for a failing test's report)."""
-        return "\n".join(f"--- {p.name} ({p.log})\n{_tail(p.log)}" for p in self.processes)
+        return "\n".join(f"--- {p.name} ({p.log})\n{log_tail(p.log)}" for p in self.processes)
 
     def kubectl(self) -> Path | None:
         """The kubectl of the same release, when it was built."""
@@ -262,24 +249,6 @@ class KubeStack:
         return path if path.is_file() else None
 
 
-def _http_ok(url: str, *, token: str | None = None, context: ssl.SSLContext | None = None) -> bool:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(request, timeout=2, context=context) as response:  # noqa: S310 (loopback)
-            return response.status == 200
-    except (urllib.error.URLError, OSError, ssl.SSLError):
-        return False
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
 def crd_dir() -> Path:
     """The upstream CRDs ``scripts/k8s-stack.sh`` downloads from the Go module proxy."""
-    out = subprocess.run(["bash", str(REPO / "scripts" / "k8s-stack.sh"), "--print-crds"], check=True,
-                         capture_output=True, text=True)
-    return Path(out.stdout.strip())
+    return stack_script_output("--print-crds")

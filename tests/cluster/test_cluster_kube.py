@@ -62,7 +62,8 @@ def test_list_by_label_selector_and_an_unserved_kind(kube: KubeClient, monkeypat
     unserved = Resource("nothing.dino-ctl.io/v1", "Thing", "things")
     monkeypatch.setitem(kube_api.RESOURCES, (unserved.api_version, unserved.kind), unserved)
     assert kube.list(unserved.api_version, unserved.kind) == []  # a kind whose CRD is not installed
-    with pytest.raises(KubeError, match=r"apply Thing/t .*HTTP 404: .*is its CustomResourceDefinition installed") as info:
+    unserved_message = r"apply Thing/t .*HTTP 404: .*is its CustomResourceDefinition installed"
+    with pytest.raises(KubeError, match=unserved_message) as info:
         kube.apply({"apiVersion": unserved.api_version, "kind": "Thing", "metadata": {"name": "t"}})
     assert info.value.permanent
 

@@ -15,18 +15,16 @@ from __future__ import annotations
 import http.client
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.processes import HOST, free_port, stack_script_output, stop_process
+
 __all__ = ["VERSION", "S3Server", "S3ServerError", "binary"]
 
-REPO = Path(__file__).resolve().parents[2]
 VERSION = "v1.8.0"
-HOST = "127.0.0.1"
 REGION = "us-east-1"
 
 
@@ -37,17 +35,7 @@ class S3ServerError(RuntimeError):
 def binary() -> Path:
     """``$DINO_CTL_VERSITYGW``, else ``versitygw-<VERSION>`` in ``scripts/k8s-stack.sh``'s bin directory."""
     configured = os.environ.get("DINO_CTL_VERSITYGW")
-    if configured:
-        return Path(configured)
-    out = subprocess.run(["bash", str(REPO / "scripts" / "k8s-stack.sh"), "--print"], check=True,
-                         capture_output=True, text=True)
-    return Path(out.stdout.strip()) / f"versitygw-{VERSION}"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
+    return Path(configured) if configured else stack_script_output("--print") / f"versitygw-{VERSION}"
 
 
 @dataclass
@@ -94,7 +82,7 @@ class S3Server:
         root = self.workdir / "root"
         root.mkdir(parents=True, exist_ok=True)
         for _ in range(attempts):  # a free port can be taken between the probe and the bind
-            self.port = _free_port()
+            self.port = free_port()
             started = time.monotonic()
             with self.log_path.open("ab") as log:
                 self.process = subprocess.Popen(
@@ -127,14 +115,7 @@ class S3Server:
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 5 s, of the one process this object started."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, grace=5)
 
     def filesystem(self, **overrides: str):
         """An s3fs filesystem with this server's credentials (``overrides``: key, secret, endpoint_url)."""

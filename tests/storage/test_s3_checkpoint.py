@@ -156,8 +156,7 @@ def test_sigkill_and_resize_resume_from_s3_equal_an_uninterrupted_local_run(s3, 
     config = h.write_config(tmp_path, **OVERRIDES, checkpoint__dir=stage_dir, checkpoint__async_save=True,
                             metrics__log_file=str(logs / "train_log.jsonl"))
     process = h.start(config, nproc=2, max_restarts=2)
-    h.wait_for(lambda: 4 in _complete_on_s3(s3, stage_dir) and max(
-        (r["iteration"] for r in h.log_records(logs) if r["event"] == "step"), default=0) >= 6,
+    h.wait_for(lambda: 4 in _complete_on_s3(s3, stage_dir) and h.last_step(logs) >= 6,
         process=process, what="checkpoint 4 on s3 and two more steps")
     os.kill(h.worker_with_rank(process.pid, 1), signal.SIGKILL)
     code, out = h.finish(process)

@@ -68,8 +68,7 @@ def test_sigkill_of_a_worker_restarts_the_group_and_matches_an_uninterrupted_run
     killed = h.write_config(tmp_path / "killed", **overrides)
     process = h.start(killed, nproc=2, max_restarts=2)
     ckpt = tmp_path / "killed" / "ckpt"
-    h.wait_for(lambda: any(i >= 4 for i in _complete(ckpt)) and max(
-        (r["iteration"] for r in h.log_records(ckpt) if r["event"] == "step"), default=0) >= 6,
+    h.wait_for(lambda: any(i >= 4 for i in _complete(ckpt)) and h.last_step(ckpt) >= 6,
         process=process, what="a complete checkpoint and two more steps")
     os.kill(h.worker_with_rank(process.pid, 1), signal.SIGKILL)
     code, out = h.finish(process)

@@ -84,6 +84,11 @@ def log_records(checkpoint_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.strip() and line.endswith("}")]
 
 
+def last_step(checkpoint_dir: Path) -> int:
+    """The newest iteration the run's log reports a step for (0 before the first)."""
+    return max((r["iteration"] for r in log_records(checkpoint_dir) if r["event"] == "step"), default=0)
+
+
 def wait_for(predicate, *, process: subprocess.Popen, timeout: float = 180, what: str = "condition") -> Any:
     """Poll ``predicate()`` until it returns something truthy; fail with the process output if it exits first."""
     deadline = time.monotonic() + timeout

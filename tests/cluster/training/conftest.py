@@ -21,6 +21,7 @@ from tests.cluster.stack import KubeStack
 from tests.cluster.training.training_cluster import GpuPool, Training
 from tests.cluster.conftest import install_crds
 from tests.cluster.training.training_components import ComponentError, Kueue, Kwok, TrainingOperator
+from tests.processes import running
 
 
 @pytest.fixture(scope="session")
@@ -29,30 +30,16 @@ def training_operator(kube_stack: KubeStack, admin_api: Any, crds: dict,
     """The Kubeflow training-operator v1.9 (PyTorchJob only) against the test control plane, as its admin."""
     assert "PyTorchJob.kubeflow.org" in crds
     operator = TrainingOperator.for_stack(kube_stack, tmp_path_factory.mktemp("training-operator"))
-    try:
-        operator.start(admin_api)
-    except ComponentError as exc:
-        operator.stop()
-        pytest.fail(f"the training-operator did not start: {exc}", pytrace=False)
-    try:
+    with running(operator, lambda: operator.start(admin_api), what="the training-operator", errors=(ComponentError,)):
         yield operator
-    finally:
-        operator.stop()
 
 
 @pytest.fixture(scope="session")
 def kwok(kube_stack: KubeStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kwok]:
     """kwok playing the kubelets of the nodes labelled ``type=kwok``."""
     process = Kwok.for_stack(kube_stack, tmp_path_factory.mktemp("kwok"))
-    try:
-        process.start()
-    except ComponentError as exc:
-        process.stop()
-        pytest.fail(f"kwok did not start: {exc}", pytrace=False)
-    try:
+    with running(process, process.start, what="kwok", errors=(ComponentError,)):
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture(scope="session")
@@ -60,15 +47,9 @@ def kueue(kube_stack: KubeStack, admin_api: Any, dynamic: Any, training_operator
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kueue]:
     """Kueue v0.17.0 admitting PyTorchJobs (started on first use: only the Kueue test needs it)."""
     process = Kueue.for_stack(kube_stack, tmp_path_factory.mktemp("kueue"))
-    try:
-        process.start(admin_api, lambda crds: install_crds(dynamic, crds))
-    except (ComponentError, OSError, subprocess.CalledProcessError) as exc:
-        process.stop()
-        pytest.fail(f"Kueue did not start: {exc}", pytrace=False)
-    try:
+    with running(process, lambda: process.start(admin_api, lambda crds: install_crds(dynamic, crds)), what="Kueue",
+                 errors=(ComponentError, OSError, subprocess.CalledProcessError)):
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture

@@ -29,10 +29,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +37,8 @@ from typing import Any
 
 import yaml
 
-from tests.cluster.stack import HOST, KubeStack, free_port
+from tests.cluster.stack import KubeStack, make_ca_and_serving_cert
+from tests.processes import HOST, free_port, http_status, log_tail, stop_process, wait_ready
 
 __all__ = [
     "ANNOTATION_EXIT_CODE",
@@ -86,23 +84,6 @@ class ComponentError(RuntimeError):
     """A component did not start; the message names it and ends with its log."""
 
 
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _http_status(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 (loopback)
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except (urllib.error.URLError, OSError):
-        return None
-
-
 @dataclass
 class _Component:
     name: str
@@ -124,31 +105,15 @@ class _Component:
                                           start_new_session=True)
 
     def _wait(self, ready: Any, *, what: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.popen is not None
-            if self.popen.poll() is not None:
-                raise ComponentError(f"{self.name} exited with {self.popen.returncode} before {what}; "
-                                     f"last lines of {self.log}:\n{_tail(self.log)}")
-            if ready():
-                return
-            time.sleep(0.2)
-        raise ComponentError(f"{self.name}: {what} not reached after {timeout:.0f} s; last lines of {self.log}:\n"
-                             f"{_tail(self.log)}")
+        assert self.popen is not None
+        wait_ready(self.popen, ready, name=self.name, what=what, timeout=timeout, log=self.log, error=ComponentError)
 
     def stop(self) -> None:
         """SIGTERM, SIGKILL after 5 s: only this process, by PID."""
-        if self.popen is None or self.popen.poll() is not None:
-            return
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            self.popen.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
+        stop_process(self.popen, grace=5)
 
     def tail(self, lines: int = 40) -> str:
-        return f"--- {self.name} ({self.log})\n{_tail(self.log, lines)}"
+        return f"--- {self.name} ({self.log})\n{log_tail(self.log, lines)}"
 
     def cpu_seconds(self) -> float:
         """User + system CPU seconds of the running process (from /proc)."""
@@ -216,7 +181,7 @@ class TrainingOperator(_Component):
         ], env={"MY_POD_NAMESPACE": OPERATOR_NAMESPACE, "TMPDIR": "/tmp"})  # noqa: S108 (the operator's own)
         # /readyz answers 200 once the certificates are in place and the webhook server listens; the PyTorchJob
         # controller is registered right after (same goroutine), its informers sync within a second.
-        self._wait(lambda: _http_status(f"http://{HOST}:{self.health_port}/readyz") == 200,
+        self._wait(lambda: http_status(f"http://{HOST}:{self.health_port}/readyz") == 200,
                    what="/readyz (certificates ready, webhook server up)", timeout=timeout)
         self._wait(lambda: "Starting workers" in self.log.read_text(errors="replace"),
                    what="the PyTorchJob controller's workers", timeout=timeout)
@@ -401,7 +366,7 @@ class Kwok(_Component):
         self._spawn([f"--kubeconfig={self.stack.admin_kubeconfig}", f"--config={self.config}",
                      "--manage-nodes-with-label-selector=type=kwok", f"--server-address={HOST}:{self.port}",
                      "--node-lease-duration-seconds=40"])
-        self._wait(lambda: _http_status(f"http://{HOST}:{self.port}/healthz") == 200, what="/healthz",
+        self._wait(lambda: http_status(f"http://{HOST}:{self.port}/healthz") == 200, what="/healthz",
                    timeout=timeout)
         return self
 
@@ -435,21 +400,9 @@ class Kueue(_Component):
         return self.workdir / "certs"
 
     def _certificates(self) -> None:
-        self.certs.mkdir(parents=True, exist_ok=True)
-
-        def openssl(*args: str) -> None:
-            subprocess.run(["openssl", *args], cwd=self.certs, check=True, capture_output=True)
-
         # Valid for a year: the rotator replaces a pair that expires within 90 days.
-        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days",
-                "365", "-subj", "/CN=kueue-test-ca")
-        (self.certs / "san.cnf").write_text(
-            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
-            f"subjectAltName=DNS:kueue-webhook-service.{KUEUE_NAMESPACE}.svc,IP:{HOST}\n")
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "tls.key", "-out", "tls.csr", "-subj",
-                "/CN=kueue-webhook")
-        openssl("x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
-                "tls.crt", "-days", "365", "-extfile", "san.cnf")
+        make_ca_and_serving_cert(self.certs, ca_subject="/CN=kueue-test-ca", subject="/CN=kueue-webhook", stem="tls",
+                                 alt_names=f"DNS:kueue-webhook-service.{KUEUE_NAMESPACE}.svc,IP:{HOST}", days=365)
 
     def _b64(self, name: str) -> str:
         import base64
