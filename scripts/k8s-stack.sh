@@ -25,7 +25,7 @@ BIN_DIR="$CACHE_ROOT/$KEY/bin"
 # Volcano and JobSet are not served there: their CRDs come from ../shared/k8s-schemas when it exists.
 CRD_SOURCES=(
   "github.com/kubeflow/training-operator@v1.9.3 manifests/base/crds/kubeflow.org_pytorchjobs.yaml"
-  "github.com/kubeflow/trainer/v2@v2.0.0 manifests/base/crds/trainer.kubeflow.org_trainjobs.yaml
+  "github.com/kubeflow/trainer/v2@v2.2.0 manifests/base/crds/trainer.kubeflow.org_trainjobs.yaml
      manifests/base/crds/trainer.kubeflow.org_clustertrainingruntimes.yaml
      manifests/base/crds/trainer.kubeflow.org_trainingruntimes.yaml"
   "github.com/prometheus-operator/prometheus-operator@v0.85.0

@@ -5,7 +5,8 @@ pod-level settings (config volume, /dev/shm, placement, labels) in the version's
 ``runtimePatches`` from Trainer 2.2, ``podTemplateOverrides`` in 2.1, ``podSpecOverrides`` in 2.0 (the API changed
 between minor releases, so the spec declares the installed version).
 
-The runtime holds what the patch fields cannot express: the ``metrics`` container port and the failure semantics.
+The runtime holds what the patch fields cannot express: the ``metrics`` container port, the failure semantics and,
+for Trainer 2.2 (whose released ``runtimePatches`` do not declare it), the pods' grace period.
 The replicated job ``node`` has a podFailurePolicy: pods disrupted by the cluster and pods that exit 143 (preempted
 after a checkpoint) are replaced without counting; any other non-zero exit fails the Job at once, and the JobSet
 ``failurePolicy`` fails the whole set for that reason instead of restarting it, so the planner counts it.
@@ -26,11 +27,13 @@ from dino_ctl.render.common import (
     job_metadata,
     pod_labels,
     pod_spec_extras,
+    termination_grace_seconds,
     trainer_env,
     trainer_volume_mounts,
     trainer_volumes,
 )
 from dino_ctl.spec import DinoExperiment
+from dino_ctl.stages import resolve_experiment
 
 __all__ = ["PATCH_MANAGER", "REPLICATED_JOB", "render_cluster_training_runtime", "render_trainjob"]
 
@@ -62,6 +65,8 @@ def _overrides(experiment: DinoExperiment, stage: str, config: TrainConfig, atte
                 {"targetJobs": [{"name": REPLICATED_JOB}], "metadata": {"labels": labels}, "spec": pod_spec}
             ]
         }
+    # Released Trainer 2.2 does not declare the grace period in a patch: the runtime carries it (see below).
+    pod_spec.pop("terminationGracePeriodSeconds")
     pod_template = {"metadata": {"labels": labels}, "spec": pod_spec}
     replicated = {"name": REPLICATED_JOB, "template": {"spec": {"template": pod_template}}}
     patch = {"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [replicated]}}}}
@@ -106,7 +111,7 @@ def _pod_failure_policy() -> dict[str, Any]:
     }
 
 
-def _node_job(port: int, image: str) -> dict[str, Any]:
+def _node_job(port: int, image: str, grace_seconds: int) -> dict[str, Any]:
     """The runtime's replicated job ``node``: the trainer container and the pod failure policy."""
     container = {
         "name": REPLICATED_JOB,
@@ -122,15 +127,22 @@ def _node_job(port: int, image: str) -> dict[str, Any]:
             "spec": {
                 "backoffLimit": 0,
                 "podFailurePolicy": _pod_failure_policy(),
-                "template": {"spec": {"restartPolicy": "Never", "containers": [container]}},
+                "template": {"spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": grace_seconds,
+                                      "containers": [container]}},
             },
         },
     }
 
 
 def render_cluster_training_runtime(experiment: DinoExperiment, *, metrics_port: int | None = None) -> dict[str, Any]:
-    """The project's ClusterTrainingRuntime named ``spec.trainJob.runtime`` (cluster-scoped, installed once)."""
+    """The project's ClusterTrainingRuntime named ``spec.trainJob.runtime`` (cluster-scoped, installed once).
+
+    Its pods' grace period is the longest any stage of ``experiment`` needs: Trainer 2.2's ``runtimePatches`` cannot
+    set it per TrainJob (``terminationGracePeriodSeconds`` is not declared there in the released v2.2.0 CRD).
+    """
     spec = experiment.spec
+    resolved = resolve_experiment(experiment)
+    grace = max(termination_grace_seconds(resolved.config(stage)) for stage in resolved.order)
     policy: dict[str, Any] = {}
     if spec.train_job.gang_scheduler == "coscheduling":
         policy = {"podGroupPolicy": {"coscheduling": {"scheduleTimeoutSeconds": _COSCHEDULING_TIMEOUT_SECONDS}}}
@@ -152,6 +164,7 @@ def render_cluster_training_runtime(experiment: DinoExperiment, *, metrics_port:
             "mlPolicy": {"numNodes": 1, "torch": {}},
             **policy,
             "template": {"spec": {"failurePolicy": failure_policy,
-                                  "replicatedJobs": [_node_job(metrics_port or spec.monitoring.port, spec.image)]}},
+                                  "replicatedJobs": [_node_job(metrics_port or spec.monitoring.port, spec.image,
+                                                               grace)]}},
         },
     }

@@ -16,7 +16,7 @@ from dino_ctl.errors import SpecErrors
 from dino_ctl.render import render, render_job
 from dino_ctl.render.trainjob import render_cluster_training_runtime
 from dino_ctl.spec import parse_spec
-from dino_ctl.stages import stage_train_config
+from dino_ctl.stages import resolve_experiment, stage_train_config
 from dino_ctl.validation import load_spec, validate_experiment
 from tests.dino_ctl.spec_helpers import GOLDEN, UPDATE_GOLDEN, document, example_specs, experiment, object_validator
 
@@ -188,6 +188,21 @@ def test_training_runtime_retries_preemption_and_fails_on_errors() -> None:
     container = job["template"]["spec"]["template"]["spec"]["containers"][0]
     assert container["name"] == "node" and container["ports"][0]["name"] == "metrics"
     assert runtime["spec"]["podGroupPolicy"] == {"coscheduling": {"scheduleTimeoutSeconds": 600}}
+
+
+def test_trainer_2_2_grace_period_lives_in_the_runtime() -> None:
+    """Released Trainer v2.2.0's runtimePatches do not declare terminationGracePeriodSeconds (the real API server
+    refuses the TrainJob with HTTP 500): the runtime carries the longest grace any stage needs."""
+    exp = load_spec(TRAINJOB)
+    [job] = _by_kind(_trainjob_version("2.2"), "TrainJob")
+    [patch] = job["spec"]["runtimePatches"]
+    pod_spec = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+    assert "terminationGracePeriodSeconds" not in pod_spec["spec"]
+    runtime = render_cluster_training_runtime(exp)
+    node = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    needed = max(stage_train_config(exp, stage).checkpoint.preemption_grace_seconds
+                 for stage in resolve_experiment(exp).order)
+    assert node["terminationGracePeriodSeconds"] > needed
 
 
 def test_volcano_job_is_named_and_gang_scheduled() -> None:
