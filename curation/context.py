@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from curation.config import CurationSpec
+from curation.metrics import CurationMetrics
 from curation.progress import Reporter
 from trainer.config import ConfigError
 
@@ -40,6 +41,11 @@ class Context:
     """Only this shard of the sharded steps (None: all shards, one after the other)."""
     hashes: dict[str, str] = field(default_factory=dict)
     """Hash of every step whose inputs are known (filled in step order)."""
+    metrics: CurationMetrics = field(default_factory=CurationMetrics)
+    rank: int = 0
+    """This process's rank in the default process group (0 without one)."""
+    world_size: int = 1
+    """Ranks in the default process group (1 without one): every step splits its work over them."""
 
     @property
     def root(self) -> Path:
@@ -51,9 +57,10 @@ class Context:
             self.failure_hook(name)
 
     def shards(self, num_shards: int, field_name: str) -> range:
-        """The shard numbers this worker computes."""
+        """The shard numbers this worker computes: one with ``shard_index``, else every ``world_size``-th shard
+        starting at ``rank`` (all of them in one process)."""
         if self.shard_index is None:
-            return range(num_shards)
+            return range(self.rank, num_shards, self.world_size)
         if self.shard_index >= num_shards:
             raise ConfigError("--shard-index", self.shard_index, f"0 <= index < {field_name} ({num_shards})")
         return range(self.shard_index, self.shard_index + 1)

@@ -18,12 +18,14 @@ from typing import Any
 from curation import steps as step_impls
 from curation.config import STEP_NAMES, CurationSpec
 from curation.context import SHARDED_STEPS, Context, FailureHook, step_directory
+from curation.distributed import barrier, broadcast_object, get_rank, get_world_size
+from curation.metrics import CurationMetrics
 from curation.progress import Reporter
 from curation.storage import hash_json, read_marker
 from trainer.config import ConfigError
 from trainer.storage import check_reachable
 
-__all__ = ["Context", "StepResult", "run_pipeline", "resolve_shard", "step_directory"]
+__all__ = ["Context", "StepResult", "run_pipeline", "resolve_shard", "select_steps", "step_directory"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +54,8 @@ def resolve_shard(shard_index: int | None, *, env: dict[str, str] | None = None)
     return int(value)
 
 
-def _select_steps(steps: Sequence[str] | None, shard_index: int | None) -> list[str]:
+def select_steps(steps: Sequence[str] | None, shard_index: int | None) -> list[str]:
+    """The named steps in pipeline order (all by default); an unknown name raises :class:`ConfigError`."""
     chosen = list(STEP_NAMES) if not steps else list(steps)
     for name in chosen:
         if name not in STEP_NAMES:
@@ -74,28 +77,44 @@ def run_pipeline(
     shard_index: int | None = None,
     reporter: Reporter | None = None,
     failure_hook: FailureHook | None = None,
+    metrics: CurationMetrics | None = None,
 ) -> list[StepResult]:
     """Run the named steps (default: all) in pipeline order, reusing committed ones; returns one result per step.
 
     A step whose upstream step is not committed raises RuntimeError naming the missing step.
     """
-    context = Context(spec=spec, reporter=reporter or Reporter(), failure_hook=failure_hook, shard_index=shard_index)
+    context = Context(
+        spec=spec,
+        reporter=reporter or Reporter(),
+        failure_hook=failure_hook,
+        shard_index=shard_index,
+        metrics=metrics or CurationMetrics(),
+        rank=get_rank(),
+        world_size=get_world_size(),
+    )
+    if context.world_size > 1 and shard_index is not None:
+        raise ConfigError("--shard-index", shard_index, "no shard index when running under torchrun (ranks shard)")
     if spec.write.enabled and spec.write.remote is not None:
         check_reachable(spec.write.remote)  # a wrong bucket fails now, not after hours of embedding
     context.root.mkdir(parents=True, exist_ok=True)
     results = []
-    for name in _select_steps(steps, shard_index):
+    for name in select_steps(steps, shard_index):
         _require_upstream(context, name)
         start = time.perf_counter()
         config_hash = step_hash(context, name)
         context.hashes[name] = config_hash
         marker = read_marker(step_directory(context.root, name), config_hash=config_hash)
+        # Every rank takes rank 0's branch: a marker landing between two ranks' reads must not split the group.
+        marker = broadcast_object(marker)
         if marker is not None:
             status, summary = "reused", marker["summary"]
         else:
             status, summary = step_impls.STEP_RUNNERS[name](context, config_hash)
+        barrier()  # the step is committed for every rank before any rank reads its output
         seconds = time.perf_counter() - start
         context.reporter.step_done(name, summary=summary, reused=status == "reused", seconds=seconds)
+        if status != "partial":
+            context.metrics.step_done(name, seconds)
         results.append(StepResult(name=name, status=status, summary=summary, seconds=seconds))
         if status == "partial":
             break  # later steps need every shard

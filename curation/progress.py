@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Reporter", "RichReporter"]
+__all__ = ["LogReporter", "Reporter", "RichReporter"]
 
 logger = logging.getLogger(__name__)
 
@@ -14,7 +14,13 @@ Advance = Callable[[int], None]
 
 
 class Reporter:
-    """Receives step progress; the base class only logs (library and test use)."""
+    """Receives step progress; the base class only logs (library and test use). Usable as a context manager."""
+
+    def __enter__(self) -> Reporter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
     def task(self, description: str, total: int | None) -> Advance:
         """Start a progress task; the returned callable advances it by a number of items."""
@@ -24,6 +30,35 @@ class Reporter:
     def step_done(self, name: str, *, summary: dict[str, Any], reused: bool, seconds: float) -> None:
         """Called once per step with its summary (``reused``: the step's committed output was kept)."""
         logger.info("step %s %s in %.1f s: %s", name, "reused" if reused else "done", seconds, summary)
+
+
+class LogReporter(Reporter):
+    """Progress as INFO log lines of ``curation.progress`` (``python -m curation.launch`` shows them): for pods and
+    non-interactive runs, where progress bars would flood the log. A task reports when it starts, at every further
+    quarter and when done."""
+
+    def __init__(self, *, prefix: str = "", emit: Callable[[str], None] | None = None) -> None:
+        self.prefix = f"{prefix}: " if prefix else ""
+        self.emit = emit or (lambda line: logger.info("%s", line))
+
+    def task(self, description: str, total: int | None) -> Advance:
+        self.emit(f"{self.prefix}{description} ({total if total is not None else '?'} items)")
+        if not total:
+            return lambda num: None
+        state = {"done": 0, "next": 0.25}
+
+        def advance(num: int) -> None:
+            state["done"] += num
+            fraction = state["done"] / total
+            if fraction >= state["next"]:
+                self.emit(f"{self.prefix}{description}: {state['done']}/{total} ({fraction:.0%})")
+                state["next"] = (int(fraction * 4) + 1) / 4
+
+        return advance
+
+    def step_done(self, name: str, *, summary: dict[str, Any], reused: bool, seconds: float) -> None:
+        status = "reused" if reused else "done"
+        self.emit(f"{self.prefix}step {name} {status} in {seconds:.1f} s: {summary}")
 
 
 class RichReporter(Reporter):

@@ -34,3 +34,17 @@ CONTROLLER_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "dino_ctl_reconcile_errors_total": ("counter", "Reconcile errors.", ("kind",)),
     "dino_ctl_experiments": ("gauge", "Experiments by phase.", ("phase",)),
 }
+
+CURATION_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "dino_curation_images_embedded_total": ("counter", "Images embedded by this rank.", ("source",)),
+    "dino_curation_shards_total": ("counter", "Shards of a step handled by this rank, computed or reused.",
+                                   ("step", "outcome")),
+    "dino_curation_kmeans_iteration": ("gauge", "Current Lloyd iteration of a k-means fit.", ("stage",)),
+    "dino_curation_kmeans_inertia": ("gauge", "Sum of squared distances to the centroids (unit vectors).",
+                                     ("stage",)),
+    "dino_curation_duplicates_found_total": ("counter", "Pool images removed as copies or evaluation look-alikes.",
+                                             ("kind",)),
+    "dino_curation_step_duration_seconds": ("gauge", "Wall time of the last run of a step on this rank.", ("step",)),
+    "dino_curation_step_completed": ("gauge", "1 once a step is committed (done or reused) in this run.", ("step",)),
+}
+"""Curation metrics (``curation.metrics``): served by every rank of ``python -m curation.launch --metrics-port``."""
