@@ -78,7 +78,8 @@ def stage_checkpoints(experiment: DinoExperiment | None, *, directory: str | Non
         return [_read_stage(stage or "-", readable_location(directory))]
     assert experiment is not None, "an experiment or a directory is required"
     root = readable_location(experiment.spec.storage.checkpoints).rstrip("/")
-    names = [stage] if stage else [s.name for s in experiment.spec.stages]
+    # Curation stages write a dataset, not checkpoints: only training stages are listed unless one is named.
+    names = [stage] if stage else [s.name for s in experiment.spec.stages if not s.is_curation]
     found = []
     for name in names:
         experiment.spec.stage(name)  # SpecError listing the stages when unknown

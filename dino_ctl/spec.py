@@ -42,6 +42,7 @@ __all__ = [
     "SecretKeyRef",
     "SpecError",
     "SpecErrors",
+    "StageDataRef",
     "StageRef",
     "StageSpec",
     "StorageCredentials",
@@ -321,12 +322,28 @@ class StageRef(SpecModel):
     from_: DnsLabel = Field(alias="from")
 
 
+class StageDataRef(SpecModel):
+    """The training data of one stage: the MDS dataset a curation stage of the same experiment writes."""
+
+    from_: DnsLabel = Field(alias="from")
+    """A stage with ``curation``: its output dataset becomes this stage's only data stream."""
+
+
 class StageSpec(SpecModel):
-    """One training stage: a recipe, dotted overrides and its place in the stage graph."""
+    """One stage: a training stage (``recipe``, dotted overrides) or a curation stage (``curation``), and its place
+    in the stage graph."""
 
     name: DnsLabel
-    recipe: str
-    """A ``trainer.config.RECIPES`` name (short_vitl16, long_vitl14, highres518, distill_vits14, tiny, ...)."""
+    recipe: str | None = None
+    """A ``trainer.config.RECIPES`` name (short_vitl16, long_vitl14, highres518, distill_vits14, tiny, ...); every
+    stage without ``curation`` has one."""
+    curation: dict[str, Any] | None = None
+    """A curation stage: the curation spec (``curation.config.CurationSpec``, the file ``dino-ctl curate`` reads,
+    snake_case keys) without ``jobs``; ``name`` defaults to the stage name and ``output`` to
+    ``<storage.checkpoints>/<stage>`` (pvc:// or file:// storage; give a pvc:// URI otherwise). It runs under torchrun
+    (``python -m curation.launch``) on the stage's nodes; its MDS dataset feeds stages whose ``data`` names it."""
+    data: StageDataRef | None = None
+    """``{from: CURATION_STAGE}``: train on the dataset that curation stage writes instead of ``spec.data.streams``."""
     overrides: dict[str, Any] = Field(default_factory=dict)
     """Dotted trainer-config keys, e.g. ``optim.iterations: 625000``."""
     after: Annotated[
@@ -344,9 +361,15 @@ class StageSpec(SpecModel):
     seed: int | None = None
     """Defaults to ``spec.seed``."""
 
+    @property
+    def is_curation(self) -> bool:
+        """Whether this is a curation stage (it has a ``curation`` section)."""
+        return self.curation is not None
+
     def dependencies(self) -> list[str]:
-        """Every stage this one waits for: ``after`` plus the ``init``/``teacher`` sources, in order, no repeats."""
-        names = [*self.after, *(ref.from_ for ref in (self.init, self.teacher) if ref is not None)]
+        """Every stage this one waits for: ``after`` plus the ``init``/``teacher``/``data`` sources, in order, no
+        repeats."""
+        names = [*self.after, *(ref.from_ for ref in (self.init, self.teacher, self.data) if ref is not None)]
         return list(dict.fromkeys(names))
 
 

@@ -13,7 +13,10 @@ values the spec decides (checkpoint dir, data streams, metrics port, seed, stage
 - ``init: {from: P}`` sets ``stage.init_from`` to P's checkpoint dir and inherits P's ``model``/``heads`` (the
   high-resolution recipe keeps the pretraining architecture; only its crop size is its own).
 - ``teacher: {from: T}`` sets ``stage.teacher_from`` to T's checkpoint dir and ``stage.teacher_model`` to T's model.
+- ``data: {from: C}`` (C a curation stage) makes C's MDS dataset the stage's only stream (``data.dataset: mds``).
 - ``pvc://claim/path`` becomes the path where the renderers mount the claim (:func:`pvc_mount_path`).
+
+Curation stages resolve to a :class:`~dino_ctl.curation_stage.ResolvedCuration` (:mod:`dino_ctl.curation_stage`).
 """
 
 from __future__ import annotations
@@ -24,11 +27,14 @@ from typing import Any
 
 from trainer.config import ConfigError, TrainConfig, config_to_dict, resolve_config
 
+from dino_ctl.curation_stage import ResolvedCuration, curation_claims, resolve_curation
 from dino_ctl.errors import SpecError, SpecErrors
+from dino_ctl.locations import PVC_MOUNT_ROOT, pvc_claim, pvc_mount_path, trainer_path
 from dino_ctl.spec import DinoExperiment, NodeRange
 
 __all__ = [
     "PVC_MOUNT_ROOT",
+    "ResolvedCuration",
     "ResolvedExperiment",
     "ResolvedStage",
     "pvc_claims",
@@ -42,30 +48,13 @@ __all__ = [
     "world_sizes",
 ]
 
-PVC_MOUNT_ROOT = "/mnt/dino-ctl"
-
-
-def pvc_mount_path(claim: str) -> str:
-    """Where the renderers mount PersistentVolumeClaim ``claim`` in the trainer container."""
-    return f"{PVC_MOUNT_ROOT}/{claim}"
-
-
-def trainer_path(uri: str) -> str:
-    """The location the trainer process uses for ``uri``: pvc:// and file:// become paths, object stores stay URIs."""
-    if uri.startswith("pvc://"):
-        claim, _, rest = uri[len("pvc://") :].partition("/")
-        return "/".join(part for part in (pvc_mount_path(claim), rest.strip("/")) if part)
-    if uri.startswith("file://"):
-        return uri[len("file://") :]
-    return uri
-
-
 def pvc_claims(experiment: DinoExperiment) -> list[str]:
-    """Every PersistentVolumeClaim the spec's storage and data streams reference, in order, no repeats."""
+    """Every PersistentVolumeClaim the spec's storage, data streams and curation stages reference, in order, no
+    repeats (every stage's pods mount them all: a training stage reads what a curation stage wrote)."""
     spec = experiment.spec
     uris = [spec.storage.checkpoints, *(stream.remote or "" for stream in spec.data.streams)]
-    claims = [uri[len("pvc://") :].split("/", 1)[0] for uri in uris if uri.startswith("pvc://")]
-    return list(dict.fromkeys(claims))
+    claims = [claim for uri in uris if (claim := pvc_claim(uri))]
+    return list(dict.fromkeys([*claims, *curation_claims(experiment)]))
 
 
 def stage_checkpoint_dir(experiment: DinoExperiment, stage: str) -> str:
@@ -99,13 +88,17 @@ def stage_config_error(experiment: DinoExperiment, stage: str, error: ConfigErro
         kind = "highres" if field == "init" else "distill"
         return SpecError(f"{prefix}.{field}", None, f"{field}: {{from: STAGE}}: a {kind} stage starts from another "
                          "stage's published checkpoint")
+    if error.path.startswith("data.streams") and spec_stage.data is not None:
+        return SpecError(f"{prefix}.data.from", spec_stage.data.from_, error.allowed, context=error.context)
     if error.path.startswith("data.streams"):
         return SpecError("spec.data.streams" + error.path[len("data.streams"):].replace("[]", "[*]"), error.value,
                          error.allowed, context=error.context)
     return SpecError(f"{prefix}.overrides.{error.path}", error.value, error.allowed, context=error.context)
 
 
-def _spec_values(experiment: DinoExperiment, stage_name: str, resolve: Any) -> dict[str, Any]:
+def _spec_values(
+    experiment: DinoExperiment, stage_name: str, resolve: Any, curations: dict[str, ResolvedCuration]
+) -> dict[str, Any]:
     """The file-level values the spec decides for one stage (before the stage's own overrides)."""
     spec = experiment.spec
     stage = spec.stage(stage_name)
@@ -123,6 +116,12 @@ def _spec_values(experiment: DinoExperiment, stage_name: str, resolve: Any) -> d
         values["data"] = {
             "streams": streams,
             # Fixed across resizes so the global sample order does not change with the world size.
+            "num_canonical_nodes": spec.data.num_canonical_nodes or spec.stage_nodes(stage_name).max,
+        }
+    if stage.data is not None:  # the curated dataset is the stage's only stream, read as MDS whatever the recipe says
+        values["data"] = {
+            "dataset": "mds",
+            "streams": [dict(curations[stage.data.from_].dataset)],
             "num_canonical_nodes": spec.data.num_canonical_nodes or spec.stage_nodes(stage_name).max,
         }
     if stage.init is not None:
@@ -184,62 +183,89 @@ class ResolvedStage:
 
 @dataclass(frozen=True, kw_only=True)
 class ResolvedExperiment:
-    """An experiment resolved once: its stages in dependency order, each with its resolved config."""
+    """An experiment resolved once: its stages in dependency order, each training stage with its resolved config and
+    each curation stage with its resolved curation spec."""
 
     experiment: DinoExperiment
     """The document this was resolved from."""
     stages: tuple[ResolvedStage, ...]
-    """Every stage, in dependency order (:func:`stage_order`)."""
+    """Every training stage, in dependency order (:func:`stage_order`); iterating the experiment yields these."""
+    curations: tuple[ResolvedCuration, ...] = ()
+    """Every curation stage, in dependency order."""
+    names: tuple[str, ...] = ()
+    """Every stage name (training and curation) in dependency order; empty: the training stages' order."""
 
     @property
     def order(self) -> list[str]:
-        """Stage names in dependency order."""
-        return [stage.name for stage in self.stages]
+        """Every stage name, training and curation, in dependency order (what the planner and renderers walk)."""
+        return list(self.names) or [stage.name for stage in self.stages]
+
+    def is_curation(self, name: str) -> bool:
+        """Whether stage ``name`` is a curation stage."""
+        return any(curation.name == name for curation in self.curations)
 
     def stage(self, name: str) -> ResolvedStage:
-        """The resolved stage ``name``; :class:`SpecError` listing the stage names when there is none."""
+        """The resolved training stage ``name``; :class:`SpecError` listing the training stages when there is none."""
         for stage in self.stages:
             if stage.name == name:
                 return stage
-        raise SpecError("stage", name, "one of " + ", ".join(self.order))
+        raise SpecError("stage", name, "a training stage: one of " + ", ".join(s.name for s in self.stages))
+
+    def curation(self, name: str) -> ResolvedCuration:
+        """The resolved curation stage ``name``; :class:`SpecError` listing the curation stages when there is none."""
+        for curation in self.curations:
+            if curation.name == name:
+                return curation
+        found = ", ".join(c.name for c in self.curations) or "the spec has none"
+        raise SpecError("stage", name, "a curation stage: " + found)
 
     def config(self, name: str) -> TrainConfig:
-        """The resolved ``TrainConfig`` of stage ``name``."""
+        """The resolved ``TrainConfig`` of training stage ``name``."""
         return self.stage(name).config
 
     def __iter__(self) -> Iterator[ResolvedStage]:
+        """The training stages (every rule about trainer configs and world sizes walks these)."""
         return iter(self.stages)
 
 
-def _resolve_stages(experiment: DinoExperiment) -> tuple[dict[str, TrainConfig], list[SpecError]]:
-    """Each stage's config in dependency order, and the errors of those that failed (a child of a failed stage is
-    skipped: its parent's error is reported once, at the parent)."""
+def _resolve_stages(
+    experiment: DinoExperiment,
+) -> tuple[dict[str, TrainConfig], dict[str, ResolvedCuration], list[SpecError]]:
+    """Each stage's config (or curation spec) in dependency order, and the errors of those that failed (a child of a
+    failed stage is skipped: its parent's error is reported once, at the parent)."""
     configs: dict[str, TrainConfig] = {}
+    curations: dict[str, ResolvedCuration] = {}
     errors: list[SpecError] = []
     for name in stage_order(experiment):
         stage = experiment.spec.stage(name)
-        if any(dep not in configs for dep in stage.dependencies()):
+        if any(dep not in configs and dep not in curations for dep in stage.dependencies()):
             continue
-        values = _spec_values(experiment, name, configs.__getitem__)
+        if stage.is_curation:
+            try:
+                curations[name] = resolve_curation(experiment, name)
+            except SpecError as exc:
+                errors.append(exc)
+            continue
+        values = _spec_values(experiment, name, configs.__getitem__, curations)
         try:
             configs[name] = resolve_config(stage.recipe, file_values=values, overrides=dict(stage.overrides))
         except ConfigError as exc:
             errors.append(stage_config_error(experiment, name, exc))
-    return configs, errors
+    return configs, curations, errors
 
 
 def resolve_experiment(experiment: DinoExperiment) -> ResolvedExperiment:
     """The :class:`ResolvedExperiment` of ``experiment``, computed on the first call and memoised on the document.
 
     Raises :class:`SpecErrors` naming the spec field of every stage whose config the trainer rejects (unknown recipe
-    or override key, crop size not a multiple of the patch, ...). The stage graph must be sound (checked first by
-    :func:`dino_ctl.validation.validate_experiment`).
+    or override key, crop size not a multiple of the patch, ...) or whose curation section curation rejects. The
+    stage graph must be sound (checked first by :func:`dino_ctl.validation.validate_experiment`).
     """
     memo = experiment._resolved  # noqa: SLF001 - the document's memo slot, owned by this function
     if isinstance(memo, ResolvedExperiment) and memo.experiment is experiment:  # a model_copy carries a stale one
         return memo
     try:
-        configs, errors = _resolve_stages(experiment)
+        configs, curations, errors = _resolve_stages(experiment)
     except SpecError as exc:
         raise SpecErrors([exc]) from None
     if errors:
@@ -256,7 +282,9 @@ def resolve_experiment(experiment: DinoExperiment) -> ResolvedExperiment:
         )
         for name, config in configs.items()
     )
-    resolved = ResolvedExperiment(experiment=experiment, stages=stages)
+    names = tuple(name for name in stage_order(experiment) if name in configs or name in curations)
+    resolved = ResolvedExperiment(experiment=experiment, stages=stages, curations=tuple(curations.values()),
+                                  names=names)
     experiment._resolved = resolved  # noqa: SLF001
     return resolved
 

@@ -147,7 +147,7 @@ def _graph_errors(experiment: DinoExperiment) -> Iterator[SpecError]:
     for i, stage in enumerate(stages):
         others = ", ".join(dict.fromkeys(n for n in names if n != stage.name)) or "no other stage exists"
         refs = [(f"after[{k}]", name) for k, name in enumerate(stage.after)]
-        links = (("init.from", stage.init), ("teacher.from", stage.teacher))
+        links = (("init.from", stage.init), ("teacher.from", stage.teacher), ("data.from", stage.data))
         refs += [(field, ref.from_) for field, ref in links if ref is not None]
         for field, name in refs:
             if name == stage.name or name not in names:
@@ -156,6 +156,40 @@ def _graph_errors(experiment: DinoExperiment) -> Iterator[SpecError]:
     if cycle:
         index = names.index(cycle[0])
         yield SpecError(f"spec.stages[{index}].after", cycle[0], "an acyclic stage graph; found " + " -> ".join(cycle))
+
+
+def _kind_errors(experiment: DinoExperiment, backend: str) -> Iterator[SpecError]:
+    """Each stage trains (``recipe``) or curates (``curation``); a curation stage has no trainer settings; ``data:
+    {from: X}`` names a curation stage that writes a dataset; curation stages run on PyTorchJob, TrainJob or here."""
+    stages = experiment.spec.stages
+    curations = [s.name for s in stages if s.is_curation]
+    for i, stage in enumerate(stages):
+        if stage.recipe is None and stage.curation is None:
+            yield SpecError(f"spec.stages[{i}].recipe", None, "a recipe (a training stage) or a curation section (a "
+                            "curation stage)")
+        elif stage.recipe is not None and stage.curation is not None:
+            yield SpecError(f"spec.stages[{i}].curation", "<curation section>", "no curation section beside recipe: "
+                            "a stage either trains (recipe) or curates (curation)")
+        if stage.is_curation:
+            trainer_only = {"overrides": stage.overrides or None, "init": stage.init, "teacher": stage.teacher,
+                            "data": stage.data}
+            for field, value in trainer_only.items():
+                if value is not None:
+                    shown = value.model_dump(by_alias=True) if hasattr(value, "model_dump") else value
+                    yield SpecError(f"spec.stages[{i}].{field}", shown, "nothing on a curation stage: it runs "
+                                    "curation.launch, not the trainer (set its steps in curation)")
+            if backend == "torchx":
+                yield SpecError("spec.backend", backend, f"pytorchjob, trainjob or local for a spec with a curation "
+                                f"stage (stages[{i}] {stage.name}): the TorchX backend renders training stages only")
+        if stage.data is not None and stage.data.from_ in {s.name for s in stages} and stage.data.from_ != stage.name:
+            source = experiment.spec.stage(stage.data.from_)
+            if not source.is_curation:
+                yield SpecError(f"spec.stages[{i}].data.from", stage.data.from_,
+                                "a curation stage: " + (", ".join(curations) or "the spec has none"))
+            elif isinstance(source.curation, dict) and isinstance(source.curation.get("write"), dict) and (
+                    source.curation["write"].get("enabled") is False):
+                yield SpecError(f"spec.stages[{i}].data.from", stage.data.from_, "a curation stage whose write step "
+                                "is enabled (its write.enabled is false: it writes no dataset)")
 
 
 def _find_cycle(experiment: DinoExperiment) -> list[str] | None:
@@ -213,6 +247,11 @@ def _storage_errors(experiment: DinoExperiment, backend: str) -> Iterator[SpecEr
             f"s3://, gs:// or pvc:// for backend {backend}: "
             "file:// is pod-local disk, so a restart would lose progress",
         )
+    for i, stage in enumerate(spec.stages):
+        output = (stage.curation or {}).get("output")
+        if isinstance(output, str) and output.startswith("file://") and not on_this_machine:
+            yield SpecError(f"spec.stages[{i}].curation.output", output, f"pvc://claim/path for backend {backend}: "
+                            "file:// is pod-local disk, which the next stage's pods cannot read")
     for i, env in enumerate(spec.env):
         if (env.value is None) == (env.secret_key_ref is None):
             yield SpecError(f"spec.env[{i}]", env.name, "exactly one of value or secretKeyRef")
@@ -302,6 +341,7 @@ def validate_experiment(experiment: DinoExperiment, *, backend: str | None = Non
         errors = [
             *_seed_errors(experiment),
             *_graph_errors(experiment),
+            *_kind_errors(experiment, backend),
             *_resource_errors(experiment, backend),
             *_storage_errors(experiment, backend),
             *_env_errors(experiment),

@@ -82,7 +82,7 @@ def _stage_entry(experiment: DinoExperiment, observed: Observed, obs: StageObser
     }
     if obs.job_name:
         entry["job"] = {"kind": obs.job_kind, "name": obs.job_name}
-    if observed.checkpoints_read:
+    if observed.checkpoints_read and not experiment.spec.stage(obs.stage).is_curation:  # curation writes none
         entry["latestCheckpoint"] = obs.latest_checkpoint
     if obs.conditions:
         entry["conditions"] = [

@@ -37,10 +37,18 @@ def _effective_backend(experiment: DinoExperiment, backend: str | None) -> str:
 def render_job(
     experiment: DinoExperiment, stage: str, *, backend: str | None = None, attempt: int = 0
 ) -> dict[str, Any]:
-    """The job object of one stage for ``backend`` (default: the spec's)."""
-    resolved = resolve_experiment(experiment).stage(stage)
-    config = resolved.config
+    """The job object of one stage for ``backend`` (default: the spec's). A curation stage renders as the same
+    PyTorchJob or TrainJob running ``curation.launch`` (validation refuses TorchX for it)."""
+    resolved = resolve_experiment(experiment)
     chosen = _effective_backend(experiment, backend)
+    if resolved.is_curation(stage):
+        curation = resolved.curation(stage)
+        if chosen == "pytorchjob":
+            return render_pytorchjob(experiment, stage, curation, attempt=attempt)
+        if chosen == "trainjob":
+            return render_trainjob(experiment, stage, curation, attempt=attempt)
+        raise ValueError(f"backend {chosen!r} for curation stage {stage!r}: allowed: pytorchjob, trainjob")
+    config = resolved.config(stage)
     if chosen == "pytorchjob":
         return render_pytorchjob(experiment, stage, config, attempt=attempt)
     if chosen == "trainjob":
@@ -48,7 +56,7 @@ def render_job(
     if chosen == "torchx":
         if experiment.spec.torchx.scheduler == "local_cwd":
             # local_cwd runs on this machine: the trainer reads the file ``dino-ctl run`` writes beside the checkpoints
-            path = layout.join(resolved.checkpoint_dir, layout.CONFIG_FILE)
+            path = layout.join(resolved.stage(stage).checkpoint_dir, layout.CONFIG_FILE)
             return render_torchx_local(experiment, stage, config, config_path=path)
         return render_volcano_job(experiment, stage, config, attempt=attempt)
     raise ValueError(f"backend {chosen!r}: allowed: {', '.join(RENDER_BACKENDS)}")  # the CLI checks the choice first
@@ -64,7 +72,8 @@ def render_stage(
     counted_job_uid: str | None = None,
 ) -> list[dict[str, Any]]:
     """``[ConfigMap, job]`` of one stage: what a submission of the stage applies, in that order."""
-    config = resolve_experiment(experiment).config(stage)
+    resolved = resolve_experiment(experiment)
+    config = resolved.curation(stage) if resolved.is_curation(stage) else resolved.config(stage)
     config_map = render_stage_config_map(experiment, stage, config, restarts=restarts, counted_job_uid=counted_job_uid)
     return [config_map, render_job(experiment, stage, backend=backend, attempt=attempt)]
 

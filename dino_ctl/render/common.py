@@ -14,6 +14,7 @@ import yaml
 from trainer import layout
 from trainer.config import TrainConfig
 
+from dino_ctl.curation_stage import CURATION_FILE, CURATION_GRACE_SECONDS, ResolvedCuration
 from dino_ctl.naming import (
     ANNOTATION_RESTARTS,
     LABEL_COMPONENT,
@@ -30,9 +31,11 @@ __all__ = [
     "CONFIG_FILE",
     "CONFIG_PATH",
     "CREDENTIALS_DIR",
+    "CURATION_PATH",
     "KUEUE_PRIORITY_LABEL",
     "KUEUE_QUEUE_LABEL",
     "TRAINER_COMMAND",
+    "StageWork",
     "config_map_name",
     "container_resources",
     "job_metadata",
@@ -40,6 +43,8 @@ __all__ = [
     "pod_spec_extras",
     "render_experiment_record",
     "render_stage_config_map",
+    "stage_command",
+    "stage_metrics_port",
     "state_annotations",
     "termination_grace_seconds",
     "trainer_env",
@@ -54,6 +59,10 @@ CREDENTIALS_DIR = "/var/run/secrets/dino-ctl/storage"
 # trainer.launch runs torchrun (configured by the operators' PET_* variables) around trainer.train and keeps exit
 # code 143 when SIGTERM ended in a preemption checkpoint; plain torchrun would exit 1 and burn the failure budget.
 TRAINER_COMMAND = ("python", "-m", "trainer.launch", "--config", CONFIG_PATH)
+CURATION_PATH = f"{CONFIG_DIR}/{CURATION_FILE}"
+# A curation stage: torchrun (configured by the same PET_* variables) around curation.launch, one shard of the pool
+# per rank. Steps resume from their finished shards, so torchrun's own exit code is all the planner needs.
+CURATION_COMMAND = ("python", "-m", "torch.distributed.run", "-m", "curation.launch", "--spec", CURATION_PATH)
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 # Time after SIGTERM beyond the trainer's own checkpoint budget: finishing the step and process teardown.
@@ -65,15 +74,37 @@ def config_map_name(experiment: DinoExperiment, stage: str) -> str:
     return child_name(experiment.name, stage, "config", max_length=63)
 
 
-def termination_grace_seconds(config: TrainConfig) -> int:
-    """Pod grace period: longer than the trainer's preemption grace so the SIGTERM checkpoint can finish."""
+StageWork = TrainConfig | ResolvedCuration
+"""What a stage's pods run: a training stage's resolved config or a curation stage's resolved curation spec."""
+
+
+def termination_grace_seconds(config: StageWork) -> int:
+    """Pod grace period: longer than the trainer's preemption grace so the SIGTERM checkpoint can finish (a curation
+    stage saves nothing on SIGTERM: :data:`~dino_ctl.curation_stage.CURATION_GRACE_SECONDS`)."""
+    if isinstance(config, ResolvedCuration):
+        return CURATION_GRACE_SECONDS
     return math.ceil(config.checkpoint.preemption_grace_seconds) + _GRACE_MARGIN_SECONDS
 
 
+def stage_command(config: StageWork) -> list[str]:
+    """The container command: ``trainer.launch`` for a training stage, torchrun around ``curation.launch`` (with
+    ``--metrics-port``) for a curation stage."""
+    if isinstance(config, ResolvedCuration):
+        return [*CURATION_COMMAND, "--metrics-port", str(config.metrics_port)]
+    return list(TRAINER_COMMAND)
+
+
+def stage_metrics_port(config: StageWork) -> int:
+    """The port of the container port named ``metrics``."""
+    return config.metrics_port if isinstance(config, ResolvedCuration) else config.metrics.port
+
+
 def pod_labels(experiment: DinoExperiment, stage: str, attempt: int) -> dict[str, str]:
-    """Labels of a stage's pods: stage labels plus the attempt, so pods of an older submission are told apart."""
+    """Labels of a stage's pods: stage labels plus the attempt, so pods of an older submission are told apart; the
+    component is ``curation`` for a curation stage's pods, else ``trainer``."""
     labels = stage_labels(experiment.name, stage, extra=experiment.metadata.labels)
-    return {**labels, LABEL_COMPONENT: "trainer", LABEL_ATTEMPT: str(attempt)}
+    component = "curation" if experiment.spec.stage(stage).is_curation else "trainer"
+    return {**labels, LABEL_COMPONENT: component, LABEL_ATTEMPT: str(attempt)}
 
 
 def job_metadata(experiment: DinoExperiment, stage: str, attempt: int) -> dict[str, Any]:
@@ -160,7 +191,7 @@ def container_resources(experiment: DinoExperiment) -> dict[str, Any]:
     return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
 
 
-def pod_spec_extras(experiment: DinoExperiment, config: TrainConfig) -> dict[str, Any]:
+def pod_spec_extras(experiment: DinoExperiment, config: StageWork) -> dict[str, Any]:
     """Pod-level fields every backend sets: placement, identity and the grace period."""
     spec = experiment.spec
     extras: dict[str, Any] = {"terminationGracePeriodSeconds": termination_grace_seconds(config)}
@@ -178,14 +209,18 @@ def pod_spec_extras(experiment: DinoExperiment, config: TrainConfig) -> dict[str
 def render_stage_config_map(
     experiment: DinoExperiment,
     stage: str,
-    config: TrainConfig,
+    config: StageWork,
     *,
     restarts: RestartCounts | None = None,
     counted_job_uid: str | None = None,
 ) -> dict[str, Any]:
-    """The stage's ConfigMap: ``config.yaml`` = the resolved trainer config; restart counts as annotations."""
+    """The stage's ConfigMap: ``config.yaml`` = the resolved trainer config (``curation.yaml`` = the resolved
+    curation spec for a curation stage); restart counts as annotations."""
     labels = {**stage_labels(experiment.name, stage, extra=experiment.metadata.labels), LABEL_COMPONENT: "stage-config"}
-    text = layout.stage_config_text(config)
+    if isinstance(config, ResolvedCuration):
+        data = {CURATION_FILE: config.spec_text()}
+    else:
+        data = {CONFIG_FILE: layout.stage_config_text(config)}
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -195,7 +230,7 @@ def render_stage_config_map(
             "labels": labels,
             "annotations": state_annotations(restarts or RestartCounts(), counted_job_uid),
         },
-        "data": {CONFIG_FILE: text},
+        "data": data,
     }
 
 

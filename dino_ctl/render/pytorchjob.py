@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer.config import TrainConfig
-
 from dino_ctl.naming import child_name
 from dino_ctl.render.common import (
-    TRAINER_COMMAND,
+    StageWork,
     container_resources,
     job_metadata,
     pod_labels,
     pod_spec_extras,
+    stage_command,
+    stage_metrics_port,
     trainer_env,
     trainer_volume_mounts,
     trainer_volumes,
@@ -35,16 +35,17 @@ LAST_CALL_TIMEOUT_SECONDS = 30
 forcing a resize (and a restart of every worker) seconds later. Fixed-size jobs complete at ``max`` and never wait."""
 
 
-def trainer_container(experiment: DinoExperiment, stage: str, config: TrainConfig, *, name: str) -> dict[str, Any]:
-    """The trainer container (named ``pytorch`` for PyTorchJob, ``node`` for TrainJob)."""
+def trainer_container(experiment: DinoExperiment, stage: str, config: StageWork, *, name: str) -> dict[str, Any]:
+    """The trainer container (named ``pytorch`` for PyTorchJob, ``node`` for TrainJob); a curation stage's runs
+    ``curation.launch`` under torchrun instead of the trainer."""
     spec = experiment.spec
     container: dict[str, Any] = {
         "name": name,
         "image": spec.image,
         "imagePullPolicy": spec.image_pull_policy,
-        "command": list(TRAINER_COMMAND),
+        "command": stage_command(config),
         "env": trainer_env(experiment, stage),
-        "ports": [{"name": "metrics", "containerPort": config.metrics.port, "protocol": "TCP"}],
+        "ports": [{"name": "metrics", "containerPort": stage_metrics_port(config), "protocol": "TCP"}],
         "volumeMounts": trainer_volume_mounts(experiment),
     }
     resources = container_resources(experiment)
@@ -69,7 +70,7 @@ def _elastic_policy(experiment: DinoExperiment, stage: str) -> dict[str, Any]:
 
 
 def render_pytorchjob(
-    experiment: DinoExperiment, stage: str, config: TrainConfig, *, attempt: int = 0
+    experiment: DinoExperiment, stage: str, config: StageWork, *, attempt: int = 0
 ) -> dict[str, Any]:
     """The stage's PyTorchJob. Created suspended when a Kueue queue is set (Kueue admits by unsuspending)."""
     spec = experiment.spec

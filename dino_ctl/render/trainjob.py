@@ -17,16 +17,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer.config import TrainConfig
 from trainer.layout import PREEMPTED_EXIT_CODE
 
 from dino_ctl.naming import LABEL_COMPONENT, LABEL_MANAGED_BY, LABEL_NAME, MANAGED_BY
 from dino_ctl.render.common import (
     TRAINER_COMMAND,
+    StageWork,
     container_resources,
     job_metadata,
     pod_labels,
     pod_spec_extras,
+    stage_command,
     termination_grace_seconds,
     trainer_env,
     trainer_volume_mounts,
@@ -44,7 +45,7 @@ PATCH_MANAGER = "dino-ctl.io/dino-ctl"
 _COSCHEDULING_TIMEOUT_SECONDS = 600
 
 
-def _pod_override(experiment: DinoExperiment, stage: str, config: TrainConfig) -> dict[str, Any]:
+def _pod_override(experiment: DinoExperiment, stage: str, config: StageWork) -> dict[str, Any]:
     """Pod spec fields the override/patch APIs accept (containers only take env and volumeMounts)."""
     return {
         **pod_spec_extras(experiment, config),
@@ -53,7 +54,7 @@ def _pod_override(experiment: DinoExperiment, stage: str, config: TrainConfig) -
     }
 
 
-def _overrides(experiment: DinoExperiment, stage: str, config: TrainConfig, attempt: int) -> dict[str, Any]:
+def _overrides(experiment: DinoExperiment, stage: str, config: StageWork, attempt: int) -> dict[str, Any]:
     version = experiment.spec.train_job.trainer_version
     pod_spec = _pod_override(experiment, stage, config)
     labels = pod_labels(experiment, stage, attempt)
@@ -73,12 +74,12 @@ def _overrides(experiment: DinoExperiment, stage: str, config: TrainConfig, atte
     return {"runtimePatches": [patch]}
 
 
-def render_trainjob(experiment: DinoExperiment, stage: str, config: TrainConfig, *, attempt: int = 0) -> dict[str, Any]:
+def render_trainjob(experiment: DinoExperiment, stage: str, config: StageWork, *, attempt: int = 0) -> dict[str, Any]:
     """The stage's TrainJob for the declared Trainer version; suspended when a Kueue queue is set."""
     spec = experiment.spec
     trainer: dict[str, Any] = {
         "image": spec.image,
-        "command": list(TRAINER_COMMAND),
+        "command": stage_command(config),
         "env": trainer_env(experiment, stage),
         "numNodes": spec.stage_nodes(stage).max,
         # An integer from 2.2; earlier versions declared an int-or-string.
@@ -142,7 +143,8 @@ def render_cluster_training_runtime(experiment: DinoExperiment, *, metrics_port:
     """
     spec = experiment.spec
     resolved = resolve_experiment(experiment)
-    grace = max(termination_grace_seconds(resolved.config(stage)) for stage in resolved.order)
+    works = [*(stage.config for stage in resolved.stages), *resolved.curations]
+    grace = max(termination_grace_seconds(work) for work in works)
     policy: dict[str, Any] = {}
     if spec.train_job.gang_scheduler == "coscheduling":
         policy = {"podGroupPolicy": {"coscheduling": {"scheduleTimeoutSeconds": _COSCHEDULING_TIMEOUT_SECONDS}}}

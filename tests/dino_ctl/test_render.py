@@ -22,6 +22,7 @@ from tests.dino_ctl.spec_helpers import GOLDEN, UPDATE_GOLDEN, document, example
 
 ELASTIC = GOLDEN / "spec-elastic.yaml"
 TRAINJOB = GOLDEN / "spec-trainjob.yaml"
+CURATION = GOLDEN / "spec-curation.yaml"
 
 
 def _trainjob_version(version: str) -> list[dict]:
@@ -44,6 +45,8 @@ CASES = {
     "trainjob-2.2.yaml": lambda: _trainjob_version("2.2"),
     "trainjob-2.1.yaml": lambda: _trainjob_version("2.1"),
     "trainjob-2.0.yaml": lambda: _trainjob_version("2.0"),
+    "curation-pytorchjob.yaml": lambda: render(load_spec(CURATION)),
+    "curation-trainjob.yaml": lambda: render(load_spec(CURATION), backend="trainjob"),
 }
 
 
@@ -234,4 +237,4 @@ def test_local_backend_renders_as_pytorchjob() -> None:
 
 
 def test_golden_inputs_exist() -> None:
-    assert ELASTIC.exists() and TRAINJOB.exists() and Path(GOLDEN).is_dir()
+    assert ELASTIC.exists() and TRAINJOB.exists() and CURATION.exists() and Path(GOLDEN).is_dir()
