@@ -7,7 +7,8 @@ executing an action twice does no harm (restart counts are keyed by the uid of t
 Rules, per stage, in the stage graph's order:
 
 - absent job, every dependency succeeded (and, when storage was read, every init/teacher source has a complete
-  checkpoint) -> ``SUBMIT``; the trainer resumes from the newest complete checkpoint in the stage's directory.
+  checkpoint) -> ``SUBMIT``; the trainer resumes from the newest complete checkpoint in the stage's directory, a
+  curation stage from the shards its steps finished. A stage with ``data: {from: C}`` depends on curation stage C.
 - failed job -> classify (:attr:`StageObservation.end_reason`): eviction or preemption (exit 143) resubmit without
   touching the failure budget (each has its own optional cap); a genuine failure is counted against
   ``failureBudget.failure``. Within budget -> ``DELETE`` (recording the new counts), then ``SUBMIT`` on the next pass;
@@ -150,8 +151,10 @@ def _failed_stage(spec: DinoExperiment, obs: StageObservation, *, retry_failed: 
                              message=f"retrying after {detail}; {reason.value} count reset")
         return FailStage(stage=obs.stage, reason=reason.value, restarts=obs.restarts,
                          message=f"{detail}: {reason.value} budget of {cap} spent")
+    # A curation stage has no checkpoints: its steps resume from the shards they finished.
+    resume = "its finished curation shards" if spec.spec.stage(obs.stage).is_curation else "the latest checkpoint"
     return DeleteJob(stage=obs.stage, reason=reason.value, restarts=counts, counted_job_uid=obs.job_uid,
-                     message=f"{detail}; resubmitting from the latest checkpoint")
+                     message=f"{detail}; resubmitting from {resume}")
 
 
 def _blocked(spec: DinoExperiment, observed: Observed, stage_name: str) -> str | None:
