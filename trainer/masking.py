@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["mask_weights_and_indices", "sample_block_mask", "sample_ibot_masks"]
+__all__ = ["ibot_mask_plan", "mask_weights_and_indices", "sample_block_mask", "sample_ibot_masks", "sample_planned_mask"]
 
 MAX_TRIES_PER_BLOCK = 10
 """Attempts at placing one block before the mask is considered full (BEiT)."""
@@ -131,6 +131,52 @@ def sample_ibot_masks(
             grid_hw, target, rng, min_block_patches=min_block_patches, max_patches_per_block=max_masked
         ).reshape(-1)
     return masks[rng.permutation(num_images)]
+
+
+def ibot_mask_plan(
+    num_crops: int,
+    *,
+    probability: float = 0.5,
+    ratio_min: float = 0.1,
+    ratio_max: float = 0.5,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Which crops of a whole global batch are masked, and at which ratio: ``float [num_crops]``, NaN = unmasked.
+
+    The batch-level draw of :func:`sample_ibot_masks` (``int(num_crops * probability)`` masked crops, ratios
+    stratified over ``[ratio_min, ratio_max]``, shuffled over the crops) without the block masks themselves. The data
+    loader draws it for the GLOBAL batch from the batch's seed, on every rank, and each rank then draws only its own
+    crops' blocks (:func:`sample_planned_mask`, seeded per crop): the masks a crop gets do not depend on how the global
+    batch is split over ranks, so a run resized to another world size sees the same masks.
+    """
+    _check_mask_args(num_crops, probability, ratio_min, ratio_max)
+    num_masked = int(num_crops * probability)
+    step = (ratio_max - ratio_min) / max(num_masked, 1)
+    ratios = np.full(num_crops, np.nan)
+    ratios[:num_masked] = ratio_min + step * (np.arange(num_masked) + rng.random(num_masked))
+    return ratios[rng.permutation(num_crops)]
+
+
+def sample_planned_mask(
+    grid_hw: tuple[int, int],
+    ratio: float,
+    rng: np.random.Generator,
+    *,
+    max_mask_fraction: float = 0.5,
+    min_block_patches: int = 4,
+) -> np.ndarray:
+    """The flat ``bool [h * w]`` block mask of one crop planned at ``ratio`` (NaN: unmasked), as
+    :func:`sample_ibot_masks` draws each masked crop: ``int(ratio * h * w)`` patches, at most
+    ``max_mask_fraction * h * w``."""
+    height, width = grid_hw
+    num_patches = height * width
+    if math.isnan(ratio):
+        return np.zeros(num_patches, dtype=bool)
+    max_masked = int(max_mask_fraction * num_patches)
+    target = min(int(num_patches * ratio), max_masked)
+    return sample_block_mask(
+        grid_hw, target, rng, min_block_patches=min_block_patches, max_patches_per_block=max_masked
+    ).reshape(-1)
 
 
 def mask_weights_and_indices(masks: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

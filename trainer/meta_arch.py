@@ -24,7 +24,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from trainer.config import ModelConfig, TrainConfig
+from trainer.config import ModelConfig, TrainConfig, split_sizes
+from trainer.distributed import all_reduce_sum, get_world_size
 from trainer.losses.centering import SoftmaxCenter, sinkhorn_knopp
 from trainer.losses.dino import dino_cross_entropy
 from trainer.losses.ibot import ibot_masked_loss
@@ -226,16 +227,17 @@ def compute_losses(
 
 
 def split_batch(batch: dict[str, Any], num_chunks: int) -> list[dict[str, Any]]:
-    """Split a crop-major batch into ``num_chunks`` micro-batches (gradient accumulation), keeping crop-major order."""
+    """Split a crop-major batch into ``num_chunks`` contiguous micro-batches (gradient accumulation) whose sizes differ
+    by at most one (the larger first), keeping crop-major order inside each."""
     if num_chunks == 1:
         return [batch]
     batch_size = len(batch["sample_ids"])
-    if batch_size % num_chunks:
-        raise ValueError(f"per-rank batch {batch_size} is not divisible into {num_chunks} micro-batches")
-    size = batch_size // num_chunks
-    chunks = []
-    for index in range(num_chunks):
-        sl = slice(index * size, (index + 1) * size)
+    if not 1 <= num_chunks <= batch_size:
+        raise ValueError(f"a batch of {batch_size} images cannot be split into {num_chunks} non-empty micro-batches")
+    chunks, start = [], 0
+    for size in split_sizes(batch_size, num_chunks):
+        sl = slice(start, start + size)
+        start += size
 
         def crop_major(t: torch.Tensor) -> torch.Tensor:
             return t.unflatten(0, (-1, batch_size))[:, sl].flatten(0, 1)
@@ -280,17 +282,34 @@ class TrainStep:
         set_schedules(self.optimizer, lr=lr, weight_decay=wd, last_layer_lr=sched.last_layer_lr(iteration))
         self.optimizer.zero_grad(set_to_none=True)
 
+        micros = split_batch(batch, self.num_micro_batches)
+        # Every loss term is a mean over the images of a (micro-)batch on one rank. The recipe's losses are means over
+        # the GLOBAL batch, so each micro-batch's loss is weighted by its share of the global batch, n / N; the
+        # gradient reduction (FSDP2's reduce-scatter) averages over the W ranks, hence the factor W in the backward.
+        # With equal shares this is the usual 1 / (micro-batches per rank); with uneven shares (elastic world sizes
+        # that do not divide the batch) it is what keeps the step equal to the full-batch step.
+        # The global image count is all-reduced (on the batch's device, no host sync) rather than read from the
+        # config, so a caller's batch size can never be silently mis-weighted.
+        sizes = [len(m["sample_ids"]) for m in micros]
+        device = batch["global_crops"].device
+        global_images = all_reduce_sum(torch.tensor([float(sum(sizes))], device=device))
+        world_size = get_world_size()
         totals: dict[str, torch.Tensor] = {}
-        for micro in split_batch(batch, self.num_micro_batches):
+        for micro, size in zip(micros, sizes):
+            share = size / global_images  # [1] tensor: this micro-batch's fraction of the global batch
             loss, parts = compute_losses(
                 self.models, micro, teacher_temp=teacher_temp, config=self.config, packed=self.packed,
                 autocast_dtype=self.autocast_dtype,
             )
-            (loss / self.num_micro_batches).backward()
+            (loss * (share[0] * world_size)).backward()
             for name, value in parts.items():
-                totals[name] = totals.get(name, 0.0) + value / self.num_micro_batches
+                totals[name] = totals.get(name, 0.0) + value * share[0]
 
-        losses = {name: float(value) for name, value in totals.items()}  # one host sync per step
+        # The global batch's losses: every rank's share-weighted sum, added up over ranks (one all-reduce, one host
+        # sync). Every rank sees the same values, so a non-finite loss stops every rank at the same step.
+        names = sorted(totals)
+        packed_losses = all_reduce_sum(torch.stack([totals[name].float() for name in names]))
+        losses = dict(zip(names, packed_losses.tolist()))
         if not all(math.isfinite(v) for v in losses.values()):
             raise NonFiniteLossError(iteration, losses)
 

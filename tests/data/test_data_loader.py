@@ -48,6 +48,22 @@ def _sample_digests(batch: dict[str, Any]) -> dict[str, str]:
     return {i: hashlib.sha1(crops[b].contiguous().numpy().tobytes()).hexdigest() for b, i in enumerate(ids)}
 
 
+def _sample_masks(loader: TrainLoader, count: int) -> dict[tuple[str, int], bytes]:
+    """(sample id, global view) -> its iBOT mask, over the next ``count`` batches."""
+    iterator: Iterator = iter(loader)
+    found = {}
+    try:
+        for _ in range(count):
+            batch = next(iterator)
+            ids, masks = batch["sample_ids"], batch["masks"]
+            for view in range(2):
+                for index, sample_id in enumerate(ids):
+                    found[sample_id, view] = masks[view * len(ids) + index].numpy().tobytes()
+    finally:
+        iterator.close()
+    return found
+
+
 def _take(loader: TrainLoader, count: int) -> list[tuple[list[str], str, int, dict[str, str]]]:
     """(sample ids, batch fingerprint, bad samples, per-sample fingerprints) of the next ``count`` batches."""
     iterator: Iterator = iter(loader)
@@ -80,13 +96,20 @@ def test_synthetic_resume_is_exact() -> None:
     assert state["samples_seen"] == 32 and state["dataset"] == "synthetic"
 
 
-def test_synthetic_global_order_is_the_same_at_two_ranks() -> None:
-    config = tiny_config()
-    single = [ids for ids, *_ in _take(_loader(config), 3)]
-    rank0 = [ids for ids, *_ in _take(_loader(config, rank=0, world_size=2), 3)]
-    rank1 = [ids for ids, *_ in _take(_loader(config, rank=1, world_size=2), 3)]
-    interleaved = [[x for pair in zip(a, b) for x in pair] for a, b in zip(rank0, rank1)]
-    assert interleaved == single
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_synthetic_batches_are_the_same_at_any_world_size(world_size: int) -> None:
+    config = tiny_config()  # global batch 8: shares 4/4 at two ranks, 3/3/2 at three
+    single = _take(_loader(config), 3)
+    ranks = [_take(_loader(config, rank=rank, world_size=world_size), 3) for rank in range(world_size)]
+    shares = [[len(ids) for ids, *_ in batches] for batches in ranks]
+    assert shares == [[s] * 3 for s in ([4, 4] if world_size == 2 else [3, 3, 2])]
+    for step, (ids, *_, digests) in enumerate(single):
+        assert [i for batches in ranks for i in batches[step][0]] == ids  # contiguous shares, in rank order
+        split = {k: v for batches in ranks for k, v in batches[step][3].items()}
+        assert split == digests  # the same crops
+    assert _sample_masks(_loader(config), 3) == {
+        k: v for rank in range(world_size) for k, v in _sample_masks(_loader(config, rank=rank, world_size=world_size), 3).items()
+    }
 
 
 def test_mds_resume_mid_epoch_and_across_the_epoch_end(mds: str, world_env) -> None:
@@ -117,32 +140,38 @@ def test_mds_batches_do_not_depend_on_the_number_of_workers(mds: str, world_env)
     assert resumed == without
 
 
-def _two_ranks(rank: int, world_size: int, root: str, total: int, split: int) -> dict[str, Any]:
+def _ranks(rank: int, world_size: int, root: str, total: int, split: int) -> dict[str, Any]:
     config = tiny_config(streams=[{"remote": root}])
     full = _take(_loader(config, rank=rank, world_size=world_size), total)
     resumed, state = _resumed(config, total, split, rank=rank, world_size=world_size)
-    return {"full": full, "resumed": resumed, "state": state}
+    masks = _sample_masks(_loader(config, rank=rank, world_size=world_size), total)
+    return {"full": full, "resumed": resumed, "state": state, "masks": masks}
 
 
-def test_mds_two_ranks_resume_and_continue_on_one_rank(mds: str, world_env) -> None:
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_mds_ranks_resume_and_continue_on_one_rank(mds: str, world_env, world_size: int) -> None:
     total, split = 5, 2
-    ranks = run_distributed(_two_ranks, world_size=2, args=(mds, total, split), timeout_s=600)
+    ranks = run_distributed(_ranks, world_size=world_size, args=(mds, total, split), timeout_s=600)
     for result in ranks:
         assert result["resumed"] == result["full"]
-    assert ranks[0]["state"] == ranks[1]["state"]  # the position is global
-    rank0, rank1 = ([ids for ids, *_ in r["full"]] for r in ranks)
-    assert not set(rank0[0]) & set(rank1[0])
-    global_order = [[x for pair in zip(a, b) for x in pair] for a, b in zip(rank0, rank1)]
-    # Resize 2 -> 1 (same global batch): the single rank continues the same global sequence, same crops.
+    assert all(r["state"] == ranks[0]["state"] for r in ranks)  # the position is global
+    per_rank = [[ids for ids, *_ in r["full"]] for r in ranks]
+    assert [len(ids) for ids in per_rank[-1]] == [4 if world_size == 2 else 2] * total
+    global_order = [[x for rank in per_rank for x in rank[step]] for step in range(total)]
+    assert all(len(set(ids)) == 8 for ids in global_order)
+    # Resize W -> 1 (same global batch): the single rank continues the same global sequence, same crops and masks.
     single = _loader(tiny_config(streams=[{"remote": mds}]))
     single.load_state_dict(ranks[0]["state"])
     continued = _take(single, total - split)
     assert [ids for ids, *_ in continued] == global_order[split:]
-    # Masks are drawn per rank batch, but every sample's crops are seeded by its global position: identical.
-    two_rank_crops = {k: v for r in ranks for *_, digests in r["full"] for k, v in digests.items()}
-    assert {k: v for *_, digests in continued for k, v in digests.items()}.items() <= two_rank_crops.items()
+    split_crops = {k: v for r in ranks for *_, digests in r["full"] for k, v in digests.items()}
+    assert {k: v for *_, digests in continued for k, v in digests.items()}.items() <= split_crops.items()
     uninterrupted_single = _take(_loader(tiny_config(streams=[{"remote": mds}])), total)
     assert [ids for ids, *_ in uninterrupted_single] == global_order
+    assert [digest for _, digest, *_ in uninterrupted_single[split:]] == [digest for _, digest, *_ in continued]
+    single_masks = _sample_masks(_loader(tiny_config(streams=[{"remote": mds}])), total)
+    assert single_masks == {k: v for r in ranks for k, v in r["masks"].items()}
+    assert sum(any(m) for m in map(bytearray, single_masks.values())) > 0  # some crops are masked
 
 
 def test_stream_mixing_by_proportion_repeat_and_choose(tmp_path: Path, world_env) -> None:
@@ -197,9 +226,10 @@ def test_environment_that_contradicts_the_rank_is_an_error(mds: str, world_env) 
         _loader(tiny_config(streams=[{"remote": mds}]), rank=0, world_size=2)
 
 
-def test_global_batch_must_divide_over_the_ranks(mds: str, world_env) -> None:
-    with pytest.raises(ConfigError, match="optim.global_batch_size: invalid value 8; allowed: a multiple of the world"):
-        _loader(tiny_config(), rank=0, world_size=3)
+def test_a_world_larger_than_the_global_batch_is_refused(mds: str, world_env) -> None:
+    _loader(tiny_config(), rank=2, world_size=3)  # 8 images over 3 ranks: 3/3/2
+    with pytest.raises(ConfigError, match=r"optim\.global_batch_size: invalid value 8; allowed: at least the world"):
+        _loader(tiny_config(), rank=0, world_size=9)
 
 
 def test_missing_mds_directory_is_a_config_error(tmp_path: Path, world_env) -> None:
@@ -216,7 +246,7 @@ def test_state_of_another_dataset_kind_is_rejected(mds: str, world_env) -> None:
 
 def test_an_epoch_smaller_than_a_batch_is_an_error(tmp_path: Path, world_env) -> None:
     root = str(write_mds(tmp_path / "small", _ids(5)))
-    with pytest.raises(RuntimeError, match="an epoch of 5 samples yields no full batch of 8 per rank x 1 ranks"):
+    with pytest.raises(RuntimeError, match="an epoch of 5 samples yields no full batch of 8 over all ranks"):
         _take(_loader(tiny_config(streams=[{"remote": root}])), 1)
 
 

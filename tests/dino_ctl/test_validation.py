@@ -65,21 +65,26 @@ def test_cycle_in_the_stage_graph() -> None:
     ]
 
 
-def test_global_batch_must_divide_every_elastic_world_size() -> None:
+def test_an_elastic_range_needs_one_image_per_rank_at_its_largest_size() -> None:
     doc = document(resources={"nodes": {"min": 1, "max": 3}, "gpusPerNode": 8}, data={
         "streams": [{"remote": "s3://bucket/data/a"}], "numCanonicalNodes": 3})
+    for stage in doc["spec"]["stages"]:
+        stage["overrides"].update({"optim.global_batch_size": 20, "loss.koleo_loss_weight": 0.0})
     assert _messages(doc)[0] == (
-        "spec.stages[0].overrides.optim.global_batch_size: invalid value 32; allowed: a multiple of the world size "
-        "(24) so every rank gets the same batch [nodes 1..3 x 8 processes; 3 nodes give world size 24]"
+        "spec.stages[0].overrides.optim.global_batch_size: invalid value 20; allowed: at least the world size (24): "
+        "every rank trains on at least one image per step [nodes 1..3 x 8 processes; 3 nodes give world size 24]"
     )
+    for stage in doc["spec"]["stages"]:
+        stage["overrides"]["optim.global_batch_size"] = 24  # 24 over 8, 16 (2/1 shares) and 24 ranks
+    validate_experiment(parse_spec(doc))
 
 
 def test_koleo_needs_two_samples_per_rank() -> None:
     doc = document(resources={"nodes": {"min": 4, "max": 4}, "gpusPerNode": 8})
     assert _messages(doc)[0] == (
-        "spec.stages[0].overrides.optim.global_batch_size: invalid value 32; allowed: at least 2 samples per rank "
-        "with KoLeo enabled (world size 32 gives 1); KoLeo needs a nearest neighbour, or set "
-        "loss.koleo_loss_weight=0 [nodes 4..4 x 8 processes; 4 nodes give world size 32]"
+        "spec.stages[0].overrides.optim.global_batch_size: invalid value 32; allowed: at least 2 images on every "
+        "rank with KoLeo enabled (world size 32 gives 1 to the smallest share); KoLeo needs a nearest neighbour, or "
+        "set loss.koleo_loss_weight=0 [nodes 4..4 x 8 processes; 4 nodes give world size 32]"
     )
     for stage in doc["spec"]["stages"]:
         stage["overrides"]["loss.koleo_loss_weight"] = 0.0
@@ -90,9 +95,9 @@ def test_per_stage_nodes_are_checked_with_their_own_range() -> None:
     doc = document()
     _stage(doc, 2)["nodes"] = {"min": 4, "max": 4}
     assert _messages(doc) == [
-        "spec.stages[2].overrides.optim.global_batch_size: invalid value 32; allowed: at least 2 samples per rank "
-        "with KoLeo enabled (world size 32 gives 1); KoLeo needs a nearest neighbour, or set "
-        "loss.koleo_loss_weight=0 [nodes 4..4 x 8 processes; 4 nodes give world size 32]"
+        "spec.stages[2].overrides.optim.global_batch_size: invalid value 32; allowed: at least 2 images on every "
+        "rank with KoLeo enabled (world size 32 gives 1 to the smallest share); KoLeo needs a nearest neighbour, or "
+        "set loss.koleo_loss_weight=0 [nodes 4..4 x 8 processes; 4 nodes give world size 32]"
     ]
 
 

@@ -102,8 +102,11 @@ def test_split_batch_keeps_crop_major_order_and_recomputes_mask_weights():
         per_crop = masks.sum(1)
         crop_of = chunk["mask_indices"] // masks.shape[1]
         torch.testing.assert_close(chunk["mask_weights"], 1.0 / per_crop[crop_of].float())
-    with pytest.raises(ValueError, match="not divisible into 3 micro-batches"):
-        split_batch(batch, 3)
+    uneven = split_batch(batch, 3)  # 8 images: 3 + 3 + 2, contiguous, larger first
+    assert [c["sample_ids"] for c in uneven] == [batch["sample_ids"][:3], batch["sample_ids"][3:6], batch["sample_ids"][6:]]
+    assert torch.equal(uneven[2]["global_crops"], torch.cat([batch["global_crops"][6:8], batch["global_crops"][14:16]]))
+    with pytest.raises(ValueError, match="cannot be split into 9 non-empty micro-batches"):
+        split_batch(batch, 9)
 
 
 def test_accumulated_step_trains_and_reports_the_same_loss_names():

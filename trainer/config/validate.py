@@ -3,7 +3,7 @@
 :func:`validate_config` runs the checks that hold at any size (crop sizes fit the patch size, masks fit the grid,
 ...); :func:`validate_world_size` those that depend on the number of ranks (FSDP, batch share, micro-batches,
 KoLeo's minimum). ``dino-ctl validate`` runs the second for every size a stage may run at, the trainer for the size it
-got, and the runtime and data loader take their batch split from :func:`per_rank_batch` and :func:`micro_batches`.
+got, and the runtime and data loader take their batch split from :func:`batch_share` and :func:`micro_batches`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ SHUFFLE_ALGOS = ("py1e", "py1br", "py1s", "py2s", "naive")
 __all__ = [
     "LIMITS",
     "backbone_num_parameters",
+    "batch_share",
     "micro_batches",
     "per_rank_batch",
+    "split_sizes",
     "validate_config",
     "validate_fsdp",
     "validate_world_size",
@@ -316,52 +318,80 @@ def validate_fsdp(parallel: ParallelConfig, *, world_size: int) -> None:
         )
 
 
-def per_rank_batch(config: TrainConfig, world_size: int) -> int:
-    """Images per rank and step: ``optim.global_batch_size`` split evenly over ``world_size`` ranks."""
+def split_sizes(total: int, parts: int) -> list[int]:
+    """``total`` split into ``parts`` contiguous sizes that differ by at most one, the larger ones first."""
+    base, extra = divmod(total, parts)
+    return [base + 1 if index < extra else base for index in range(parts)]
+
+
+def batch_share(config: TrainConfig, world_size: int, rank: int) -> range:
+    """Offsets (within each step's global batch) of the images rank ``rank`` of ``world_size`` trains on.
+
+    The global batch of ``optim.global_batch_size`` = B images is cut into ``world_size`` contiguous shares of
+    ``ceil(B / W)`` images (the first ``B % W`` ranks) or ``floor(B / W)`` (the others), so any ``W <= B`` is valid and
+    a step sees the same images at every world size. Losses and gradients are weighted by the share
+    (:class:`trainer.meta_arch.TrainStep`), so uneven shares still give the full-batch result.
+    """
     global_batch = config.optim.global_batch_size
-    if global_batch % world_size:
+    if not 1 <= world_size <= global_batch:
         raise ConfigError(
-            "optim.global_batch_size",
-            global_batch,
-            f"a multiple of the world size ({world_size}) so every rank gets the same batch",
+            "optim.global_batch_size", global_batch,
+            f"at least the world size ({world_size}): every rank trains on at least one image per step",
         )
-    return global_batch // world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank}: allowed 0 <= rank < world size {world_size}")
+    sizes = split_sizes(global_batch, world_size)
+    start = sum(sizes[:rank])
+    return range(start, start + sizes[rank])
+
+
+def per_rank_batch(config: TrainConfig, world_size: int, rank: int = 0) -> int:
+    """Images rank ``rank`` trains on per step (``len(batch_share(...))``): ``ceil`` or ``floor`` of B / W."""
+    return len(batch_share(config, world_size, rank))
 
 
 def micro_batches(config: TrainConfig, world_size: int) -> tuple[int, int]:
-    """(number, size) of the equal micro-batches a rank's batch is split into (gradient accumulation): as few as
-    ``optim.max_micro_batch_size`` allows."""
-    per_rank = per_rank_batch(config, world_size)
-    cap = config.optim.max_micro_batch_size or per_rank
-    count = -(-per_rank // cap)
-    if per_rank % count:
-        fits = max(d for d in range(1, cap + 1) if per_rank % d == 0)
+    """``(count, smallest)``: every rank splits its share into ``count`` contiguous micro-batches (gradient
+    accumulation), as few as ``optim.max_micro_batch_size`` allows for the largest share; ``smallest`` is the size of
+    the smallest micro-batch on any rank. The count is the same on every rank: each micro-batch has collectives (the
+    centering statistics, Sinkhorn-Knopp), so ranks must step through micro-batches together.
+    """
+    largest, smallest_share = per_rank_batch(config, world_size, 0), per_rank_batch(config, world_size, world_size - 1)
+    cap = config.optim.max_micro_batch_size or largest
+    count = -(-largest // cap)
+    if count > smallest_share:
+        needed = -(-largest // smallest_share)
         raise ConfigError(
             "optim.max_micro_batch_size",
             cap,
-            f"a cap that splits the per-rank batch into equal micro-batches, such as {fits} (a divisor of {per_rank})",
-            context=f"with world size {world_size} ({per_rank} per rank gives {count} unequal micro-batches)",
+            f"at least {needed}: every rank splits its share into the same number of micro-batches ({count} for "
+            f"the largest share of {largest} images), and the smallest share ({smallest_share}) must give each "
+            "of them at least one image",
+            context=f"with world size {world_size}",
         )
-    return count, per_rank // count
+    return count, smallest_share // count
 
 
 def validate_world_size(config: TrainConfig, world_size: int) -> None:
-    """Every rule that depends on the world size: FSDP on several ranks, an even batch share per rank, micro-batches
-    that split it evenly, and at least two samples per micro-batch for KoLeo (its nearest neighbour)."""
+    """Every rule that depends on the world size: FSDP on several ranks, at least one image per rank (any world size
+    up to the global batch is valid: shares may differ by one image), micro-batches every rank can fill, and at least
+    two images per micro-batch for KoLeo (its nearest neighbour)."""
     validate_fsdp(config.parallel, world_size=world_size)
-    per_rank = per_rank_batch(config, world_size)
+    smallest_share = per_rank_batch(config, world_size, world_size - 1)
     count, size = micro_batches(config, world_size)
     if config.loss.koleo_loss_weight > 0 and size < 2:
         if count == 1:
             raise ConfigError(
                 "optim.global_batch_size",
                 config.optim.global_batch_size,
-                f"at least 2 samples per rank with KoLeo enabled (world size {world_size} gives {per_rank}); "
-                "KoLeo needs a nearest neighbour, or set loss.koleo_loss_weight=0",
+                f"at least 2 images on every rank with KoLeo enabled (world size {world_size} gives "
+                f"{smallest_share} to the smallest share); KoLeo needs a nearest neighbour, or set "
+                "loss.koleo_loss_weight=0",
             )
         raise ConfigError(
             "optim.max_micro_batch_size",
             config.optim.max_micro_batch_size,
-            f"at least 2 with KoLeo enabled: KoLeo runs on each micro-batch and needs a nearest neighbour (world size "
-            f"{world_size} gives {per_rank} per rank); or set loss.koleo_loss_weight=0",
+            f"a cap that leaves at least 2 images in every micro-batch with KoLeo enabled: KoLeo runs on each "
+            f"micro-batch and needs a nearest neighbour (world size {world_size}: {count} micro-batches, the "
+            f"smallest share {smallest_share} images); or set loss.koleo_loss_weight=0",
         )

@@ -14,8 +14,9 @@ Output (docs/contracts.md; crop-major = all images' crop 0, then all images' cro
     colour           dict               only with deferred colour (gpu_augment): crop-major ColourParams fields
                                         of the "global" and "local" crops; finish_deferred_colour consumes it
 
-Every random draw is seeded from ``(seed, epoch, global position)`` of the sample (masks: of the batch's first
-sample), so a resumed or resized run produces the very same batches.
+Every random draw is seeded from ``(seed, epoch, global position)`` of the sample (the iBOT mask plan: from those of
+the global batch's first sample; each crop's blocks: from its own), so a resumed or resized run produces the very
+same crops and masks at any world size.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from trainer.config import ConfigError, CropConfig, MaskConfig, TrainConfig
 from trainer.data.augment import BadImageError, MultiCropAugmentation, MultiCropSample
 from trainer.data.colour import ColourParams, apply_colour_ops, normalize_, uint8_to_float
 from trainer.data.synthetic import synthetic_image, synthetic_image_size
-from trainer.masking import mask_weights_and_indices, sample_ibot_masks
+from trainer.masking import ibot_mask_plan, mask_weights_and_indices, sample_planned_mask
 
 __all__ = ["MultiCropCollate", "finish_deferred_colour", "single_threaded"]
 
@@ -95,6 +96,8 @@ class MultiCropCollate:
         crops / masking: ``data.crops`` and ``data.masking``.
         patch_size: the model's patch size (mask grid = global_size / patch_size).
         seed: base seed of every augmentation and mask draw.
+        global_batch_size: images per step over all ranks (the iBOT mask plan is drawn over the global batch); None:
+            each batch is its own global batch.
         augmentation: a prebuilt :class:`MultiCropAugmentation` (default: built from ``crops``).
     """
 
@@ -105,18 +108,23 @@ class MultiCropCollate:
         *,
         patch_size: int,
         seed: int,
+        global_batch_size: int | None = None,
         augmentation: MultiCropAugmentation | None = None,
     ) -> None:
         if crops.global_size % patch_size:
             allowed = f"a multiple of the patch size ({patch_size})"
             raise ConfigError("data.crops.global_size", crops.global_size, allowed)
         self.crops, self.masking, self.seed = crops, masking, seed
+        self.global_batch_size = global_batch_size
         self.grid = crops.global_size // patch_size
         self.augmentation = augmentation or MultiCropAugmentation(crops)
 
     @classmethod
     def from_config(cls, config: TrainConfig, *, seed: int) -> MultiCropCollate:
-        return cls(config.data.crops, config.data.masking, patch_size=config.model.patch_size, seed=seed)
+        return cls(
+            config.data.crops, config.data.masking, patch_size=config.model.patch_size, seed=seed,
+            global_batch_size=config.optim.global_batch_size,
+        )
 
     def _seed(self, sample: dict[str, Any], *extra: int) -> list[int]:
         return [self.seed, int(sample.get("_epoch", 0)), int(sample.get("_position", 0)), *extra]
@@ -153,16 +161,47 @@ class MultiCropCollate:
         return crops, bad_ids
 
     def _masks(self, samples: list[dict[str, Any]]) -> torch.Tensor:
-        rng = np.random.default_rng(self._seed(samples[0], _MASK_STREAM))
-        masks = sample_ibot_masks(
-            2 * len(samples),
-            (self.grid, self.grid),
-            probability=self.masking.mask_sample_probability,
-            ratio_min=self.masking.mask_ratio_min,
-            ratio_max=self.masking.mask_ratio_max,
-            rng=rng,
-            min_block_patches=self.masking.min_block_patches,
+        """iBOT masks of the batch's global crops (crop-major ``bool [2n, h * w]``), independent of the world size.
+
+        Which crops of the GLOBAL batch are masked, and at which ratio, is drawn from the global batch's seed (its
+        epoch and first position) by every rank alike (:func:`~trainer.masking.ibot_mask_plan`); each crop's blocks
+        come from the crop's own seed (its position and view). A sample's ``_batch_offset`` is its index in the
+        global batch; samples without one (direct calls) make the batch its own global batch.
+        """
+        num = len(samples)
+        if all("_batch_offset" in sample for sample in samples):
+            offsets = [int(sample["_batch_offset"]) for sample in samples]
+            global_batch = self.global_batch_size or num
+        else:
+            offsets, global_batch = list(range(num)), num
+        first = {int(s.get("_position", 0)) - offset for s, offset in zip(samples, offsets)}
+        epochs = {int(s.get("_epoch", 0)) for s in samples}
+        if len(first) != 1 or len(epochs) != 1 or max(offsets) >= global_batch:
+            raise ValueError(
+                f"MultiCropCollate: the samples of one batch come from different global batches (first positions "
+                f"{sorted(first)}, epochs {sorted(epochs)}, offsets up to {max(offsets)} of {global_batch})"
+            )
+        masking = self.masking
+        plan_seed = [self.seed, epochs.pop(), first.pop(), _MASK_STREAM]
+        plan = ibot_mask_plan(
+            2 * global_batch,
+            probability=masking.mask_sample_probability,
+            ratio_min=masking.mask_ratio_min,
+            ratio_max=masking.mask_ratio_max,
+            rng=np.random.default_rng(plan_seed),
         )
+        masks = np.zeros((2 * num, self.grid * self.grid), dtype=bool)
+        for view in range(2):
+            for index, (sample, offset) in enumerate(zip(samples, offsets)):
+                ratio = float(plan[view * global_batch + offset])
+                if math.isnan(ratio):
+                    continue
+                masks[view * num + index] = sample_planned_mask(
+                    (self.grid, self.grid),
+                    ratio,
+                    np.random.default_rng(self._seed(sample, _MASK_STREAM, view)),
+                    min_block_patches=masking.min_block_patches,
+                )
         return torch.from_numpy(masks)
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -76,16 +76,18 @@ def build_streams(data: DataConfig) -> list:
 
 
 def build_streaming_dataset(
-    data: DataConfig, *, batch_size: int, seed: int, num_canonical_nodes: int
+    data: DataConfig, *, global_batch_size: int, share: range, seed: int, num_canonical_nodes: int
 ) -> PositionedStreamingDataset:
-    """The training ``StreamingDataset`` over ``data.streams`` (per-rank ``batch_size``; shuffle seed ``seed``)."""
+    """The training ``StreamingDataset`` of one rank over ``data.streams``: its ``share`` of every global batch of
+    ``global_batch_size`` samples; shuffle seed ``seed``."""
     from trainer.data.positioned import PositionedStreamingDataset
 
     if seed < 0:
         raise ConfigError("seed", seed, "a non-negative integer (it is streaming's shuffle seed)")
     return PositionedStreamingDataset(
         streams=build_streams(data),
-        batch_size=batch_size,
+        global_batch_size=global_batch_size,
+        share=share,
         shuffle=data.shuffle,
         shuffle_algo=data.shuffle_algo,
         shuffle_seed=seed,

@@ -2,8 +2,8 @@
 
 :func:`build_train_loader` returns a :class:`TrainLoader`: iterating it yields batches forever (epochs roll over);
 ``state_dict()`` is the global position reached (epoch, samples consumed in it, and what fixes the order) and
-``load_state_dict()`` makes the next ``iter()`` continue exactly there, at any world size that divides the global
-batch. The state counts the samples of the batches handed to the caller, never those prefetched by workers, and it
+``load_state_dict()`` makes the next ``iter()`` continue exactly there, at any world size up to the global batch
+(each rank reads its contiguous share of every global batch, :func:`trainer.config.batch_share`). The state counts the samples of the batches handed to the caller, never those prefetched by workers, and it
 is the same on every rank.
 
 Why not ``StreamingDataLoader``: it counts a dict batch by the length of its first value and multiplies by the
@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from trainer.config import TrainConfig, per_rank_batch
+from trainer.config import TrainConfig, batch_share
 from trainer.data.collate import MultiCropCollate, finish_deferred_colour
 from trainer.data.dataset import build_streaming_dataset
 from trainer.data.synthetic import SyntheticDataset, synthetic_image_size
@@ -73,8 +73,8 @@ class TrainLoader:
     Args:
         dataset: a ``PositionedStreamingDataset`` or a :class:`SyntheticDataset` for this rank.
         collate: the batch builder (runs in the DataLoader workers).
-        batch_size: per-rank batch size.
-        world_size: ranks sharing each global batch.
+        batch_size: this rank's share of each global batch (may differ by one image between ranks).
+        global_batch_size: images per step over all ranks.
         num_workers / prefetch_factor: DataLoader settings.
         device: where deferred colour ops run (``gpu_augment``); None when the workers finish the crops.
         order: ``num_canonical_nodes``, ``shuffle_seed`` and ``initial_physical_nodes`` of a streaming dataset.
@@ -86,13 +86,14 @@ class TrainLoader:
         dataset: IterableDataset,
         collate: MultiCropCollate,
         batch_size: int,
-        world_size: int,
+        global_batch_size: int,
         num_workers: int,
         prefetch_factor: int,
         device: torch.device | None,
         order: dict[str, Any] | None,
     ) -> None:
-        self.dataset, self.collate, self.batch_size, self.world_size = dataset, collate, batch_size, world_size
+        self.dataset, self.collate, self.batch_size = dataset, collate, batch_size
+        self.global_batch_size = global_batch_size
         self.num_workers, self.prefetch_factor, self.device = num_workers, prefetch_factor, device
         self.order = dict(order) if order is not None else None
         self.kind = "mds" if order is not None else "synthetic"
@@ -101,10 +102,6 @@ class TrainLoader:
         """Global samples of the current epoch handed out (all ranks together)."""
         self.samples_seen = 0
         """Global samples handed out since the start of training."""
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.batch_size * self.world_size
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable position, identical on every rank."""
@@ -181,7 +178,7 @@ class TrainLoader:
             if started_at == 0 and self.sample_in_epoch == 0:
                 raise RuntimeError(
                     f"data: an epoch of {self.dataset.epoch_size} samples yields no full batch of "
-                    f"{self.batch_size} per rank x {self.world_size} ranks; use more data or a smaller batch"
+                    f"{self.global_batch_size} over all ranks; use more data or a smaller batch"
                 )
             logger.info("data epoch %d done after %d samples", self.epoch, self.sample_in_epoch)
             self.epoch, self.sample_in_epoch = self.epoch + 1, 0
@@ -206,7 +203,8 @@ def build_train_loader(
     device: torch.device | str | None = None,
     clean_stale_shm: bool = True,
 ) -> TrainLoader:
-    """The training loader of one rank (per-rank batch ``optim.global_batch_size // world_size``).
+    """The training loader of one rank: its contiguous share (:func:`trainer.config.batch_share`) of every global batch
+    of ``optim.global_batch_size`` images, ``ceil`` or ``floor`` of the global batch over ``world_size``.
 
     Args:
         config: the stage config (``data``, ``optim.global_batch_size``, ``model.patch_size``).
@@ -216,13 +214,14 @@ def build_train_loader(
         device: where ``gpu_augment`` runs the colour ops (default: the current CUDA device, else the CPU).
         clean_stale_shm: remove streaming shared memory left by crashed runs (once per process).
     """
-    batch_size = per_rank_batch(config, world_size)
+    share = batch_share(config, world_size, rank)
+    global_batch = config.optim.global_batch_size
     collate = MultiCropCollate.from_config(config, seed=seed)
     data = config.data
     common = dict(
         collate=collate,
-        batch_size=batch_size,
-        world_size=world_size,
+        batch_size=len(share),
+        global_batch_size=global_batch,
         num_workers=data.num_workers,
         prefetch_factor=data.prefetch_factor,
         device=_deferred_device(config, device),
@@ -230,9 +229,8 @@ def build_train_loader(
     if data.dataset == "synthetic":
         dataset = SyntheticDataset(
             image_size=synthetic_image_size(data.crops.global_size),
-            rank=rank,
-            world_size=world_size,
-            batch_size=batch_size,
+            global_batch_size=global_batch,
+            share=share,
             seed=seed,
         )
         return TrainLoader(dataset=dataset, order=None, **common)
@@ -249,6 +247,8 @@ def build_train_loader(
             "number of nodes keeps it through the loader state, but set it explicitly for elastic jobs",
             num_nodes,
         )
-    dataset = build_streaming_dataset(data, batch_size=batch_size, seed=seed, num_canonical_nodes=num_canonical_nodes)
+    dataset = build_streaming_dataset(
+        data, global_batch_size=global_batch, share=share, seed=seed, num_canonical_nodes=num_canonical_nodes
+    )
     order = {"num_canonical_nodes": num_canonical_nodes, "shuffle_seed": seed, "initial_physical_nodes": num_nodes}
     return TrainLoader(dataset=dataset, order=order, **common)

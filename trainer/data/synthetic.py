@@ -1,9 +1,9 @@
 """``data.dataset: synthetic``: deterministic random images through the real augmentation, collate and resume logic.
 
 Sample ``p`` of the endless stream is the image seeded by ``(seed, p)``; global batch ``t`` holds positions
-``[t * G, (t + 1) * G)`` for a global batch size ``G``, and rank ``r`` of ``W`` takes every ``W``-th of them, the
-interleaving mosaicml-streaming uses. The global order is therefore the same at every world size, and the loader
-state is just the number of samples consumed.
+``[t * G, (t + 1) * G)`` for a global batch size ``G``, and each rank takes its contiguous share of them
+(:func:`trainer.config.batch_share`, the same split as the MDS path). The global order is therefore the same at every
+world size, and the loader state is just the number of samples consumed.
 """
 
 from __future__ import annotations
@@ -41,33 +41,35 @@ class SyntheticDataset(IterableDataset):
 
     Args:
         image_size: side of the generated images.
-        rank / world_size: this rank and the number of ranks sharing each global batch.
-        batch_size: per-rank batch size (the DataLoader's), so worker ``w`` of ``n`` produces batches w, w+n, ...
+        global_batch_size: images per step over all ranks.
+        share: this rank's offsets within each global batch (:func:`trainer.config.batch_share`); its length is the
+            DataLoader's batch size, so worker ``w`` of ``n`` produces the rank's batches w, w+n, ...
         seed: image seed.
     """
 
-    def __init__(self, *, image_size: int, rank: int, world_size: int, batch_size: int, seed: int) -> None:
+    def __init__(self, *, image_size: int, global_batch_size: int, share: range, seed: int) -> None:
         super().__init__()
-        self.image_size, self.rank, self.world_size = image_size, rank, world_size
-        self.batch_size, self.seed = batch_size, seed
+        self.image_size, self.global_batch_size, self.share, self.seed = image_size, global_batch_size, share, seed
+        self.batch_size = len(share)
         self.start_sample = 0
         """Global samples consumed before this pass (set by the loader before each ``iter``)."""
 
-    def position(self, rank_sample: int) -> int:
-        """Global position of this rank's ``rank_sample``-th sample of the pass."""
-        return self.start_sample + rank_sample * self.world_size + self.rank
+    def position(self, rank_batch: int, offset: int) -> int:
+        """Global position of sample ``offset`` of this rank's ``rank_batch``-th batch of the pass."""
+        return self.start_sample + rank_batch * self.global_batch_size + self.share.start + offset
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for rank_batch in range(worker, 2**62, num_workers):
             for offset in range(self.batch_size):
-                position = self.position(rank_batch * self.batch_size + offset)
+                position = self.position(rank_batch, offset)
                 yield {
                     "id": f"synthetic-{position:012d}",
                     "image": synthetic_image(position, self.image_size, seed=self.seed),
                     "label": -1,
                     "_position": position,
+                    "_batch_offset": self.share.start + offset,
                     "_epoch": 0,
                 }
 
