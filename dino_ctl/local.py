@@ -2,7 +2,8 @@
 
 Torch-free: the trainer runs in a child process (``python -m trainer.train``); this module only launches it, follows
 its JSON-lines log for progress and returns the exit code. Exit code 143 means the trainer was preempted after
-writing a checkpoint (a rerun resumes it).
+writing a checkpoint (a rerun resumes it). A curation stage runs ``python -m curation.launch`` the same way (under
+torchrun with more than one process): its progress goes to stderr, its step results to a JSON report.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Callable
 
 from trainer.layout import PREEMPTED_EXIT_CODE
 
-__all__ = ["LocalStageResult", "launch_command", "read_log_records", "run_stage"]
+__all__ = ["LocalStageResult", "curation_command", "launch_command", "read_log_records", "run_curation", "run_stage"]
 
 
 
@@ -109,4 +110,28 @@ def run_stage(
             if code is not None:
                 break
             time.sleep(poll_seconds)
+    return LocalStageResult(exit_code=code, seconds=time.monotonic() - start, records=records)
+
+
+def curation_command(spec_path: str, report_path: str, *, nproc: int) -> list[str]:
+    """The command that runs one curation stage locally: ``curation.launch`` in this process's Python, under a
+    standalone torchrun when ``nproc`` > 1 (each rank owns a shard of the pool, as in the cluster)."""
+    entry = ["-m", "curation.launch", "--spec", spec_path, "--report", report_path]
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *entry]
+    return [sys.executable, *entry]
+
+
+def run_curation(spec_path: str, report_path: Path, *, nproc: int = 1, env: dict[str, str] | None = None
+                 ) -> LocalStageResult:
+    """Run one curation stage to completion; ``records`` holds the report's step results (rank 0 writes them)."""
+    child_env = {**os.environ, **(env or {})}
+    child_env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    repo_root = str(Path(__file__).resolve().parents[1])
+    child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo_root, child_env.get("PYTHONPATH")]))
+    report_path.unlink(missing_ok=True)  # a report left by an earlier run must not pass for this one's
+    start = time.monotonic()
+    code = subprocess.run(curation_command(spec_path, str(report_path), nproc=nproc), env=child_env,
+                          check=False).returncode
+    records = json.loads(report_path.read_text())["steps"] if code == 0 and report_path.exists() else []
     return LocalStageResult(exit_code=code, seconds=time.monotonic() - start, records=records)

@@ -1,10 +1,11 @@
 """``dino-ctl run SPEC``: the same experiment spec on this machine (the embedded default).
 
 Validates the spec exactly like ``submit`` (exit 2, nothing run), prepares datasets that a stream or the evaluation
-declares with ``prepare`` and that are missing, trains every stage in dependency order as a child process (torchrun,
-TorchX ``local_cwd``, or a plain process), shows live progress, evaluates the final backbone with k-NN next to a
-random-init backbone and raw pixels, draws the loss curves and the k-NN result into ``report.png`` beside the
-checkpoints, and with ``--output json`` prints one JSON summary as its last line.
+declares with ``prepare`` and that are missing, runs every stage in dependency order as a child process (training:
+torchrun, TorchX ``local_cwd``, or a plain process; curation: ``python -m curation.launch``, under torchrun with
+``--nproc`` > 1, its dataset feeding the stages whose ``data`` names it), shows live progress, evaluates the final
+backbone with k-NN next to a random-init backbone and raw pixels, draws the loss curves and the k-NN result into
+``report.png`` beside the checkpoints, and with ``--output json`` prints one JSON summary as its last line.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from trainer.layout import PREEMPTED_EXIT_CODE, write_stage_config
 from dino_ctl.cli.eval_cmds import run_eval
 from dino_ctl.cli.output import OutputFormat, OutputOption
 from dino_ctl.errors import SpecError, SpecErrors
-from dino_ctl.local import LocalStageResult, read_log_records, run_stage
+from dino_ctl.local import LocalStageResult, read_log_records, run_curation, run_stage
 
 console = Console(stderr=True)
 
@@ -76,6 +77,22 @@ def _train_stage(config, stage: str, *, nproc: int, launcher: str, quiet: bool) 
             config_path, log_path, nproc=nproc, launcher=launcher,
             on_record=_progress_callback(progress, task, stage),
         )
+
+
+def _curate_stage(curation, *, nproc: int) -> LocalStageResult:
+    """Run a curation stage here: its resolved spec written as ``curation.yaml`` in its output directory."""
+    output = Path(curation.spec.output)
+    output.mkdir(parents=True, exist_ok=True)
+    spec_path = output / "curation.yaml"
+    spec_path.write_text(curation.spec_text())
+    console.print(f"curating {curation.name} -> {output} ({nproc} rank{'s' if nproc > 1 else ''})")
+    return run_curation(str(spec_path), output / "curation-report.json", nproc=nproc)
+
+
+def _curation_summary(curation, result: LocalStageResult) -> dict[str, Any]:
+    dataset = curation.dataset.get("local") or curation.dataset.get("remote")
+    return {"name": curation.name, "kind": "curation", "exit_code": result.exit_code,
+            "seconds": round(result.seconds, 1), "curation_steps": result.records, "dataset": dataset}
 
 
 def _plot(log_path: Path, knn: dict[str, float] | None, out: Path) -> Path:
@@ -142,7 +159,7 @@ def run(
         unknown = sorted(set(stage or ()) - set(order))
         if unknown:
             raise SpecError("--stage", unknown[0], "a stage of the spec: " + ", ".join(order))
-        configs = {name: resolved.config(name) for name in selected}
+        configs = {name: resolved.config(name) for name in selected if not resolved.is_curation(name)}
     except (SpecError, SpecErrors) as exc:
         console.print(f"[red]invalid spec:[/red] {exc}")
         raise typer.Exit(2) from exc
@@ -152,6 +169,13 @@ def run(
         _prepare_missing(getattr(stream, "prepare", None), stream.local or stream.remote or "")
     summaries = []
     for name in selected:
+        if resolved.is_curation(name):
+            result = _curate_stage(resolved.curation(name), nproc=nproc)
+            summaries.append(_curation_summary(resolved.curation(name), result))
+            if result.exit_code != 0:
+                console.print(f"[red]curation stage {name} failed with exit code {result.exit_code}[/red]")
+                raise typer.Exit(result.exit_code)
+            continue
         config = configs[name]
         result = _train_stage(config, name, nproc=nproc, launcher=launcher, quiet=output == OutputFormat.JSON)
         summaries.append(_stage_summary(name, config, result))
@@ -162,8 +186,12 @@ def run(
             console.print(f"[red]stage {name} failed with exit code {result.exit_code}[/red]")
             raise typer.Exit(result.exit_code)
 
-    final_dir = Path(configs[selected[-1]].checkpoint.dir)
     report: dict[str, Any] = {"experiment": experiment.metadata.name, "stages": summaries}
+    trained = [name for name in selected if name in configs]
+    if not trained:  # only curation stages ran: their datasets are the result
+        _print_report(report, output)
+        return
+    final_dir = Path(configs[trained[-1]].checkpoint.dir)
     evaluation = getattr(spec_obj, "evaluation", None)
     knn = None
     if evaluate and evaluation is not None:
@@ -188,6 +216,9 @@ def _print_report(report: dict[str, Any], output: OutputFormat) -> None:
     for column in ("stage", "steps", "img/s", "final total loss", "seconds"):
         table.add_column(column)
     for s in report["stages"]:
+        if s.get("kind") == "curation":
+            table.add_row(s["name"], "curation", "-", "-", str(s["seconds"]))
+            continue
         ips = s["images_per_second"]
         table.add_row(s["name"], str(s["steps"]), f"{ips:.1f}" if ips else "-",
                       f"{s['final_losses'].get('total', float('nan')):.4f}", str(s["seconds"]))
@@ -195,7 +226,11 @@ def _print_report(report: dict[str, Any], output: OutputFormat) -> None:
     if "knn" in report:
         top1 = report["knn"]["top1"]
         Console().print("k-NN top-1: " + ", ".join(f"{k} {v:.4f}" for k, v in top1.items()))
-    Console().print(f"checkpoints: {report['checkpoint']}\nplot: {report['plot']}")
+    for s in report["stages"]:
+        if s.get("kind") == "curation":
+            Console().print(f"dataset of {s['name']}: {s['dataset']}")
+    if "checkpoint" in report:
+        Console().print(f"checkpoints: {report['checkpoint']}\nplot: {report['plot']}")
 
 
 def register(app: typer.Typer) -> None:
