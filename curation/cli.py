@@ -32,7 +32,7 @@ NumShardsOpt = Annotated[
     int | None,
     typer.Option("--num-shards", min=1, help="override embed.num_shards / write.num_shards of the steps run"),
 ]
-RenderOpt = Annotated[bool, typer.Option("--render", help="print the Kubernetes ConfigMap and Jobs as YAML and exit")]
+RenderOpt = Annotated[bool, typer.Option("--render", help="print the Kubernetes ConfigMap and PyTorchJob as YAML and exit")]
 ImageOpt = Annotated[str | None, typer.Option("--image", help="container image for --render")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="log at INFO level")]
 

@@ -1,16 +1,19 @@
-"""Kubernetes Jobs for a curation run (pure: spec in, plain dicts out, no API calls).
+"""Kubernetes objects for a curation run on its own (``dino-ctl curate SPEC --render``): pure, spec in, dicts out.
 
-Three Jobs plus the ConfigMap holding the spec, in the order they must run:
+Two objects, in apply order:
 
-1. ``<name>-embed``: an indexed Job (``completionMode: Indexed``), one completion per embedding shard; each pod
-   computes shard ``JOB_COMPLETION_INDEX`` (Kubernetes sets it) and the pod finishing the last shard commits the step.
-2. ``<name>-select``: one pod running dedup, retrieve and balance (k-NN and k-means over the whole pool).
-3. ``<name>-write``: an indexed Job, one completion per MDS partition; the last one merges the index and writes the
-   manifest.
+1. a ConfigMap ``<name>-curation-spec`` holding the spec (``spec.yaml``);
+2. a Kubeflow ``PyTorchJob`` ``<name>-curation`` (Training Operator 1.9), the same shape a ``curation`` stage of a
+   DinoExperiment renders (``dino_ctl.render``): an elastic policy with a c10d rendezvous, ``jobs.parallelism``
+   Worker pods (default 1), each running ``python -m torch.distributed.run -m curation.launch --spec ...`` with
+   ``max(jobs.gpus_per_pod, 1)`` ranks. torchrun reads the ``PET_*`` variables the operator injects; every rank owns
+   a shard of the pool in every step (embed, dedup, retrieve, balance, write), so one job runs the whole pipeline
+   and nothing has to release a later step. ``restartPolicy: ExitCode`` retries pods killed by a signal (exit > 127)
+   in place and fails the job on a real error (1, or 2 for a bad spec); torchrun restarts the worker group up to
+   ``jobs.backoff_limit_per_index`` times, and a restarted step reuses the shards it finished.
 
-Jobs have no dependencies in Kubernetes, so the later two are rendered suspended with a ``dino-ctl.io/after``
-annotation naming their predecessor: a control plane (or ``kubectl patch job NAME -p '{"spec":{"suspend":false}}'``)
-unsuspends each once the previous one has succeeded. Every step is resumable, so a retried pod redoes only its shard.
+Rank 0 of each pod serves Prometheus metrics on the container port named ``metrics`` (:data:`METRICS_PORT`).
+The output directory and the sources must be on the ReadWriteMany PVC ``jobs.pvc`` mounted at ``jobs.mount_path``.
 """
 
 from __future__ import annotations
@@ -22,34 +25,42 @@ import yaml
 
 from curation.config import CurationSpec
 
-__all__ = ["SPEC_MOUNT", "render_curation_jobs"]
+__all__ = ["JOIN_TIMEOUT_SECONDS", "METRICS_PORT", "SPEC_MOUNT", "curation_command", "render_curation_jobs"]
 
 SPEC_MOUNT = "/etc/dino-curation"
 SPEC_FILE = "spec.yaml"
+METRICS_PORT = 9400
+"""``--metrics-port`` of ``curation.launch`` (rank 0 of each pod binds it; local rank r binds ``port + r``)."""
+JOIN_TIMEOUT_SECONDS = 900
+"""Rendezvous join timeout: GPU nodes pulling a multi-GB image can take minutes to start."""
+LAST_CALL_TIMEOUT_SECONDS = 30
 LABEL_CURATION = "dino-ctl.io/curation"
-LABEL_STEP = "dino-ctl.io/step"
-ANNOTATION_AFTER = "dino-ctl.io/after"
 
 
 def _name(base: str, suffix: str) -> str:
-    """``<base>-<suffix>`` as a DNS-1123 label of at most 63 characters (long bases keep a short hash)."""
-    name = f"{base}-{suffix}"
+    """``<base>-<suffix>`` as a DNS-1035 label of at most 63 characters (long bases keep a short hash)."""
+    # Job names are DNS-1035 labels: no '_' or '.' (a curation name may hold them), a letter first.
+    name = f"{base}-{suffix}".replace("_", "-").replace(".", "-")
+    name = name if name[0].isalpha() else f"c-{name}"
     if len(name) <= 63:
         return name
     digest = hashlib.sha256(base.encode()).hexdigest()[:6]
-    return f"{base[: 63 - len(suffix) - 8].rstrip('-')}-{digest}-{suffix}"
+    return f"{name[: 63 - len(suffix) - 8].rstrip('-')}-{digest}-{suffix}"
 
 
-def _labels(spec: CurationSpec, step: str | None = None) -> dict[str, str]:
-    labels = {
+def _labels(spec: CurationSpec) -> dict[str, str]:
+    return {
         "app.kubernetes.io/name": "dino-ctl",
         "app.kubernetes.io/managed-by": "dino-ctl",
         "app.kubernetes.io/component": "curation",
         LABEL_CURATION: spec.name,
     }
-    if step is not None:
-        labels[LABEL_STEP] = step
-    return labels
+
+
+def curation_command(spec_path: str, metrics_port: int = METRICS_PORT) -> list[str]:
+    """The container command: torchrun (configured by the operator's ``PET_*`` variables) around curation.launch."""
+    return ["python", "-m", "torch.distributed.run", "-m", "curation.launch", "--spec", spec_path,
+            "--metrics-port", str(metrics_port)]
 
 
 def _config_map(spec: CurationSpec) -> dict[str, Any]:
@@ -57,102 +68,91 @@ def _config_map(spec: CurationSpec) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {
-            "name": _name(spec.name, "curation-spec"),
-            "namespace": spec.jobs.namespace,
-            "labels": _labels(spec),
-        },
+        "metadata": {"name": _name(spec.name, "curation-spec"), "namespace": spec.jobs.namespace,
+                     "labels": _labels(spec)},
         "data": {SPEC_FILE: text},
     }
 
 
-def _pod_spec(spec: CurationSpec, *, image: str, steps: str, gpus: int) -> dict[str, Any]:
+def _container(spec: CurationSpec, image: str) -> dict[str, Any]:
     jobs = spec.jobs
     resources: dict[str, dict[str, Any]] = {
         "requests": {"cpu": jobs.cpu, "memory": jobs.memory},
         "limits": {"memory": jobs.memory},
     }
-    if gpus:
-        resources["limits"]["nvidia.com/gpu"] = gpus
+    if jobs.gpus_per_pod:
+        resources["limits"]["nvidia.com/gpu"] = str(jobs.gpus_per_pod)
     mounts = [{"name": "spec", "mountPath": SPEC_MOUNT, "readOnly": True}, {"name": "dshm", "mountPath": "/dev/shm"}]
+    if jobs.pvc is not None:
+        mounts.append({"name": "data", "mountPath": jobs.mount_path})
+    return {
+        "name": "pytorch",  # the Training Operator requires this name
+        "image": image,
+        "command": curation_command(f"{SPEC_MOUNT}/{SPEC_FILE}"),
+        # Restarted workers otherwise reuse the agent's TCP store and get stale peer addresses.
+        "env": [{"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"}],
+        "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+        "resources": resources,
+        "volumeMounts": mounts,
+    }
+
+
+def _pod_spec(spec: CurationSpec, image: str) -> dict[str, Any]:
+    jobs = spec.jobs
     volumes: list[dict[str, Any]] = [
         {"name": "spec", "configMap": {"name": _name(spec.name, "curation-spec")}},
         # DataLoader workers pass batches through shared memory; the container default of 64 MB is too small.
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
     ]
     if jobs.pvc is not None:
-        mounts.append({"name": "data", "mountPath": jobs.mount_path})
         volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": jobs.pvc}})
-    pod: dict[str, Any] = {
-        "restartPolicy": "Never",  # required by backoffLimitPerIndex; the Job controller retries failed indexes
-        "containers": [
-            {
-                "name": "curate",
-                "image": image,
-                "command": ["python", "-m", "curation", f"{SPEC_MOUNT}/{SPEC_FILE}", "--steps", steps],
-                "resources": resources,
-                "volumeMounts": mounts,
-            }
-        ],
-        "volumes": volumes,
-    }
+    pod: dict[str, Any] = {"containers": [_container(spec, image)], "volumes": volumes}
     if jobs.node_selector:
         pod["nodeSelector"] = dict(jobs.node_selector)
-    if gpus:
+    if jobs.gpus_per_pod:
         pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     if jobs.service_account:
         pod["serviceAccountName"] = jobs.service_account
     return pod
 
 
-def _job(
-    spec: CurationSpec, step: str, *, image: str, steps: str, completions: int, gpus: int, after: str | None
-) -> dict[str, Any]:
-    labels = _labels(spec, step)
-    job_spec: dict[str, Any] = {
-        "completions": completions,
-        "parallelism": min(spec.jobs.parallelism or completions, completions),
-        "template": {
-            "metadata": {"labels": dict(labels)},
-            "spec": _pod_spec(spec, image=image, steps=steps, gpus=gpus),
+def _pytorchjob(spec: CurationSpec, image: str) -> dict[str, Any]:
+    jobs = spec.jobs
+    name = _name(spec.name, "curation")
+    nodes = jobs.parallelism or 1
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {"name": name, "namespace": jobs.namespace, "labels": _labels(spec)},
+        "spec": {
+            "elasticPolicy": {
+                "rdzvBackend": "c10d",
+                "rdzvId": name,
+                "minReplicas": nodes,
+                "maxReplicas": nodes,
+                "maxRestarts": jobs.backoff_limit_per_index,
+                "rdzvConf": [
+                    {"key": "join_timeout", "value": str(JOIN_TIMEOUT_SECONDS)},
+                    {"key": "last_call_timeout", "value": str(LAST_CALL_TIMEOUT_SECONDS)},
+                ],
+            },
+            "nprocPerNode": str(max(jobs.gpus_per_pod, 1)),
+            "runPolicy": {"cleanPodPolicy": "Running", "schedulingPolicy": {"minAvailable": nodes}},
+            "pytorchReplicaSpecs": {
+                "Worker": {
+                    "replicas": nodes,
+                    "restartPolicy": "ExitCode",
+                    "template": {"metadata": {"labels": _labels(spec)}, "spec": _pod_spec(spec, image)},
+                }
+            },
         },
     }
-    if completions > 1 or step in ("embed", "write"):
-        job_spec["completionMode"] = "Indexed"
-        job_spec["backoffLimitPerIndex"] = spec.jobs.backoff_limit_per_index
-    else:
-        job_spec["backoffLimit"] = spec.jobs.backoff_limit_per_index
-    metadata: dict[str, Any] = {"name": _name(spec.name, step), "namespace": spec.jobs.namespace, "labels": labels}
-    if after is not None:
-        metadata["annotations"] = {ANNOTATION_AFTER: after}
-        job_spec["suspend"] = True
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
 
 
 def render_curation_jobs(spec: CurationSpec, *, image: str) -> list[dict[str, Any]]:
-    """The ConfigMap and the three Jobs (embed, select, write) of ``spec``, in apply order."""
+    """The ConfigMap and the PyTorchJob that run every step of ``spec``, in apply order."""
     if not image:
         raise ValueError(
             "image must name the container image holding dino-ctl, e.g. registry.example.com/dino-ctl:0.1.0"
         )
-    gpus = spec.jobs.gpus_per_pod
-    embed = _job(spec, "embed", image=image, steps="embed", completions=spec.embed.num_shards, gpus=gpus, after=None)
-    select = _job(
-        spec,
-        "select",
-        image=image,
-        steps="dedup,retrieve,balance",
-        completions=1,
-        gpus=gpus,
-        after=embed["metadata"]["name"],
-    )
-    write = _job(
-        spec,
-        "write",
-        image=image,
-        steps="write",
-        completions=spec.write.num_shards,
-        gpus=0,
-        after=select["metadata"]["name"],
-    )
-    return [_config_map(spec), embed, select, write]
+    return [_config_map(spec), _pytorchjob(spec, image)]

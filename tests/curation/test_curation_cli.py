@@ -65,7 +65,7 @@ def test_render_prints_the_jobs() -> None:
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     kinds = [doc["kind"] for doc in yaml.safe_load_all(result.stdout)]
-    assert kinds == ["ConfigMap", "Job", "Job", "Job"]
+    assert kinds == ["ConfigMap", "PyTorchJob"]  # one elastic torchrun job runs every step (curation/kube.py)
     no_image = CliRunner().invoke(app, args[:3])
     assert no_image.exit_code == 2 and "--render needs --image" in no_image.output
 
