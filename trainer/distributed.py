@@ -11,7 +11,9 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce_sum", "all_reduce_mean", "is_distributed", "get_rank", "get_world_size", "local_rank"]
+__all__ = [
+    "all_gather_objects", "all_reduce_sum", "all_reduce_mean", "is_distributed", "get_rank", "get_world_size", "local_rank"
+]
 
 
 def is_distributed() -> bool:
@@ -44,3 +46,12 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor.div_(dist.get_world_size())
     return tensor
+
+
+def all_gather_objects(obj: object) -> list[object]:
+    """Every rank's ``obj`` (picklable), in rank order (``[obj]`` in one process)."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

@@ -37,7 +37,16 @@ from trainer.schedules import Schedules
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteLossError", "SSLModels", "TrainStep", "build_centers", "build_models", "compute_losses", "split_batch"]
+__all__ = [
+    "NonFiniteLossError",
+    "SSLModels",
+    "TrainStep",
+    "build_centers",
+    "build_models",
+    "compute_losses",
+    "select_images",
+    "split_batch",
+]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -226,6 +235,28 @@ def compute_losses(
     return total, {name: value.detach() for name, value in parts.items()}
 
 
+def select_images(batch: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
+    """Images ``[start, stop)`` of a crop-major batch, as a crop-major batch (mask indices and weights recomputed)."""
+    batch_size = len(batch["sample_ids"])
+    sl = slice(start, stop)
+
+    def crop_major(t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(0, (-1, batch_size))[:, sl].flatten(0, 1)
+
+    masks = crop_major(batch["masks"])
+    indices, weights = mask_weights_and_indices(masks)
+    return {
+        "sample_ids": batch["sample_ids"][sl],
+        "global_crops": crop_major(batch["global_crops"]),
+        "local_crops": crop_major(batch["local_crops"]) if batch["local_crops"].numel() else batch["local_crops"],
+        "masks": masks,
+        "mask_indices": torch.as_tensor(indices, device=masks.device),
+        "mask_weights": torch.as_tensor(weights, device=masks.device, dtype=torch.float32),
+        "labels": batch["labels"][sl] if batch.get("labels") is not None else None,
+        "num_bad_samples": 0,
+    }
+
+
 def split_batch(batch: dict[str, Any], num_chunks: int) -> list[dict[str, Any]]:
     """Split a crop-major batch into ``num_chunks`` contiguous micro-batches (gradient accumulation) whose sizes differ
     by at most one (the larger first), keeping crop-major order inside each."""
@@ -236,26 +267,8 @@ def split_batch(batch: dict[str, Any], num_chunks: int) -> list[dict[str, Any]]:
         raise ValueError(f"a batch of {batch_size} images cannot be split into {num_chunks} non-empty micro-batches")
     chunks, start = [], 0
     for size in split_sizes(batch_size, num_chunks):
-        sl = slice(start, start + size)
+        chunks.append(select_images(batch, start, start + size))
         start += size
-
-        def crop_major(t: torch.Tensor) -> torch.Tensor:
-            return t.unflatten(0, (-1, batch_size))[:, sl].flatten(0, 1)
-
-        masks = crop_major(batch["masks"])
-        indices, weights = mask_weights_and_indices(masks)
-        chunks.append(
-            {
-                "sample_ids": batch["sample_ids"][sl],
-                "global_crops": crop_major(batch["global_crops"]),
-                "local_crops": crop_major(batch["local_crops"]) if batch["local_crops"].numel() else batch["local_crops"],
-                "masks": masks,
-                "mask_indices": torch.as_tensor(indices, device=masks.device),
-                "mask_weights": torch.as_tensor(weights, device=masks.device, dtype=torch.float32),
-                "labels": batch["labels"][sl] if "labels" in batch else None,
-                "num_bad_samples": 0,
-            }
-        )
     return chunks
 
 
@@ -275,21 +288,20 @@ class TrainStep:
     def _clip_modules(self) -> dict[str, nn.Module]:
         return {name: module for name, module in self.models.student.items()}
 
-    def __call__(self, batch: dict[str, Any], iteration: int) -> dict[str, float]:
-        sched = self.schedules
-        lr, wd = sched.lr(iteration), sched.weight_decay(iteration)
-        momentum, teacher_temp = sched.teacher_momentum(iteration), sched.teacher_temp(iteration)
-        set_schedules(self.optimizer, lr=lr, weight_decay=wd, last_layer_lr=sched.last_layer_lr(iteration))
-        self.optimizer.zero_grad(set_to_none=True)
+    def accumulate_gradients(self, batch: dict[str, Any], *, teacher_temp: float) -> dict[str, float]:
+        """Forward and backward of this rank's share of one global batch (its micro-batches in turn), adding to the
+        student's gradients; returns the global batch's losses (the same on every rank).
 
+        After the gradient reduction (FSDP2's reduce-scatter averages over ranks) the gradients are those of the
+        full global batch in one process, whatever the shares: each micro-batch's loss is weighted by its share of
+        the global batch. ``tests/trainer/test_elastic.py`` checks it at uneven shares.
+        """
         micros = split_batch(batch, self.num_micro_batches)
-        # Every loss term is a mean over the images of a (micro-)batch on one rank. The recipe's losses are means over
-        # the GLOBAL batch, so each micro-batch's loss is weighted by its share of the global batch, n / N; the
-        # gradient reduction (FSDP2's reduce-scatter) averages over the W ranks, hence the factor W in the backward.
-        # With equal shares this is the usual 1 / (micro-batches per rank); with uneven shares (elastic world sizes
-        # that do not divide the batch) it is what keeps the step equal to the full-batch step.
-        # The global image count is all-reduced (on the batch's device, no host sync) rather than read from the
-        # config, so a caller's batch size can never be silently mis-weighted.
+        # Every loss term is a mean over the images of a micro-batch on one rank, and the recipe's losses are means over
+        # the GLOBAL batch: a micro-batch of n of the N images counts n / N, times W in the backward because the
+        # gradient reduction averages over the W ranks. With equal shares that is the usual 1 / (micro-batches per
+        # rank). N is all-reduced (on the batch's device, no host sync) rather than read from the config, so a
+        # caller's batch size can never be silently mis-weighted.
         sizes = [len(m["sample_ids"]) for m in micros]
         device = batch["global_crops"].device
         global_images = all_reduce_sum(torch.tensor([float(sum(sizes))], device=device))
@@ -309,7 +321,15 @@ class TrainStep:
         # sync). Every rank sees the same values, so a non-finite loss stops every rank at the same step.
         names = sorted(totals)
         packed_losses = all_reduce_sum(torch.stack([totals[name].float() for name in names]))
-        losses = dict(zip(names, packed_losses.tolist()))
+        return dict(zip(names, packed_losses.tolist()))
+
+    def __call__(self, batch: dict[str, Any], iteration: int) -> dict[str, float]:
+        sched = self.schedules
+        lr, wd = sched.lr(iteration), sched.weight_decay(iteration)
+        momentum, teacher_temp = sched.teacher_momentum(iteration), sched.teacher_temp(iteration)
+        set_schedules(self.optimizer, lr=lr, weight_decay=wd, last_layer_lr=sched.last_layer_lr(iteration))
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = self.accumulate_gradients(batch, teacher_temp=teacher_temp)
         if not all(math.isfinite(v) for v in losses.values()):
             raise NonFiniteLossError(iteration, losses)
 

@@ -26,7 +26,7 @@ from trainer.artifacts import export_backbone
 from trainer.checkpoint import CheckpointManager, load_model_weights
 from trainer.config import ModelConfig, TrainConfig, micro_batches
 from trainer.data.loader import build_train_loader
-from trainer.distributed import local_rank
+from trainer.distributed import all_gather_objects, local_rank
 from trainer.metrics import JsonlLogger, TrainMetrics, format_console
 from trainer.models import interpolate_pos_embed, model_flops_per_image
 from trainer.meta_arch import NonFiniteLossError, SSLModels, TrainStep, build_centers, build_models
@@ -243,6 +243,10 @@ class Runtime:
             mfu=mfu,
             gpu_mem=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
         )
+        if self.config.metrics.log_sample_ids:
+            shares = all_gather_objects(list(batch["sample_ids"]))
+            if log_record is not None:
+                log_record["sample_ids"] = [sample_id for share in shares for sample_id in share]
         if log_record is not None:
             log_record["iterations"] = self.config.optim.iterations
             logger.info("%s", format_console(log_record))

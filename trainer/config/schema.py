@@ -290,6 +290,9 @@ class MetricsConfig:
     """Iterations between JSON-lines log records."""
     log_file: str | None = None
     """JSON-lines log path; defaults to ``<checkpoint.dir>/train_log.jsonl`` on rank 0."""
+    log_sample_ids: bool = False
+    """Add each logged step's sample ids (the whole global batch: every rank's share, in rank order) to its JSON-lines
+    record, to check the data order across restarts and resizes; costs an all-gather of the ids every step."""
 
 
 @dataclass(kw_only=True)
