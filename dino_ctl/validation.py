@@ -160,7 +160,7 @@ def _graph_errors(experiment: DinoExperiment) -> Iterator[SpecError]:
 
 def _kind_errors(experiment: DinoExperiment, backend: str) -> Iterator[SpecError]:
     """Each stage trains (``recipe``) or curates (``curation``); a curation stage has no trainer settings; ``data:
-    {from: X}`` names a curation stage that writes a dataset; curation stages run on PyTorchJob, TrainJob or here."""
+    {from: X}`` names a curation stage that writes a dataset."""
     stages = experiment.spec.stages
     curations = [s.name for s in stages if s.is_curation]
     for i, stage in enumerate(stages):
@@ -178,9 +178,6 @@ def _kind_errors(experiment: DinoExperiment, backend: str) -> Iterator[SpecError
                     shown = value.model_dump(by_alias=True) if hasattr(value, "model_dump") else value
                     yield SpecError(f"spec.stages[{i}].{field}", shown, "nothing on a curation stage: it runs "
                                     "curation.launch, not the trainer (set its steps in curation)")
-            if backend == "torchx":
-                yield SpecError("spec.backend", backend, f"pytorchjob, trainjob or local for a spec with a curation "
-                                f"stage (stages[{i}] {stage.name}): the TorchX backend renders training stages only")
         if stage.data is not None and stage.data.from_ in {s.name for s in stages} and stage.data.from_ != stage.name:
             source = experiment.spec.stage(stage.data.from_)
             if not source.is_curation:

@@ -14,8 +14,9 @@ from typing import Any
 
 from trainer import layout
 
+from dino_ctl.curation_stage import CURATION_FILE
 from dino_ctl.observe import RestartCounts
-from dino_ctl.render.common import render_stage_config_map
+from dino_ctl.render.common import StageWork, render_stage_config_map
 from dino_ctl.render.monitoring import render_experiment_monitoring
 from dino_ctl.render.pytorchjob import render_pytorchjob
 from dino_ctl.render.torchx import render_torchx_local, render_volcano_job
@@ -38,17 +39,16 @@ def render_job(
     experiment: DinoExperiment, stage: str, *, backend: str | None = None, attempt: int = 0
 ) -> dict[str, Any]:
     """The job object of one stage for ``backend`` (default: the spec's). A curation stage renders as the same
-    PyTorchJob or TrainJob running ``curation.launch`` (validation refuses TorchX for it)."""
+    PyTorchJob, TrainJob or TorchX job, running ``curation.launch`` instead of the trainer."""
     resolved = resolve_experiment(experiment)
     chosen = _effective_backend(experiment, backend)
     if resolved.is_curation(stage):
-        curation = resolved.curation(stage)
-        if chosen == "pytorchjob":
-            return render_pytorchjob(experiment, stage, curation, attempt=attempt)
-        if chosen == "trainjob":
-            return render_trainjob(experiment, stage, curation, attempt=attempt)
-        raise ValueError(f"backend {chosen!r} for curation stage {stage!r}: allowed: pytorchjob, trainjob")
-    config = resolved.config(stage)
+        config: StageWork = resolved.curation(stage)
+        # local_cwd: curation.launch reads the curation.yaml ``dino-ctl run`` writes into the stage's output
+        local_path = layout.join(config.spec.output, CURATION_FILE)
+    else:
+        config = resolved.config(stage)
+        local_path = layout.join(resolved.stage(stage).checkpoint_dir, layout.CONFIG_FILE)
     if chosen == "pytorchjob":
         return render_pytorchjob(experiment, stage, config, attempt=attempt)
     if chosen == "trainjob":
@@ -56,8 +56,7 @@ def render_job(
     if chosen == "torchx":
         if experiment.spec.torchx.scheduler == "local_cwd":
             # local_cwd runs on this machine: the trainer reads the file ``dino-ctl run`` writes beside the checkpoints
-            path = layout.join(resolved.stage(stage).checkpoint_dir, layout.CONFIG_FILE)
-            return render_torchx_local(experiment, stage, config, config_path=path)
+            return render_torchx_local(experiment, stage, config, config_path=local_path)
         return render_volcano_job(experiment, stage, config, attempt=attempt)
     raise ValueError(f"backend {chosen!r}: allowed: {', '.join(RENDER_BACKENDS)}")  # the CLI checks the choice first
 

@@ -15,15 +15,17 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
-from trainer.config import TrainConfig
-
+from dino_ctl.curation_stage import ResolvedCuration
 from dino_ctl.naming import child_name
 from dino_ctl.render.common import (
     CONFIG_PATH,
+    CURATION_PATH,
+    StageWork,
     container_resources,
     job_metadata,
     pod_labels,
     pod_spec_extras,
+    stage_metrics_port,
     trainer_env,
     trainer_volume_mounts,
     trainer_volumes,
@@ -47,19 +49,25 @@ def _plain_env(experiment: DinoExperiment, stage: str) -> dict[str, str]:
 
 
 def torchx_appdef(
-    experiment: DinoExperiment, stage: str, config: TrainConfig, *, config_path: str = CONFIG_PATH
+    experiment: DinoExperiment, stage: str, config: StageWork, *, config_path: str | None = None
 ) -> AppDef:
-    """The stage as a TorchX AppDef: one role, ``-j min:max x procs``, c10d rendezvous, ``-m trainer.train``."""
+    """The stage as a TorchX AppDef: one role, ``-j min:max x procs``, c10d rendezvous, ``-m trainer.train``
+    (``-m curation.launch --spec ... --metrics-port ...`` for a curation stage). ``config_path`` defaults to where
+    the stage ConfigMap is mounted."""
     from torchx.components import dist
 
     # Recent torchx renamed dist.ddp to dist.torchrun (ddp is kept as a deprecated alias with the same defaults).
     component = getattr(dist, "torchrun", None) or dist.ddp
     spec = experiment.spec
     nodes = spec.stage_nodes(stage)
+    if isinstance(config, ResolvedCuration):
+        module = "curation.launch"
+        args = ["--spec", config_path or CURATION_PATH, "--metrics-port", str(config.metrics_port)]
+    else:
+        module, args = "trainer.train", ["--config", config_path or CONFIG_PATH]
     app = component(
-        "--config",
-        config_path,
-        m="trainer.train",
+        *args,
+        m=module,
         image=spec.image,
         name=child_name(experiment.name, stage),
         gpu=spec.resources.gpus_per_node,
@@ -69,7 +77,7 @@ def torchx_appdef(
         max_retries=0,  # restarts are the planner's decision, counted by reason
     )
     for role in app.roles:
-        role.port_map = {"metrics": config.metrics.port}
+        role.port_map = {"metrics": stage_metrics_port(config)}
     return app
 
 
@@ -81,7 +89,7 @@ def _dryrun(app: AppDef, scheduler: str, cfg: dict[str, Any]) -> Any:
 
 
 def _complete_pod(
-    experiment: DinoExperiment, stage: str, config: TrainConfig, pod: dict[str, Any], attempt: int
+    experiment: DinoExperiment, stage: str, config: StageWork, pod: dict[str, Any], attempt: int
 ) -> None:
     """Add dino-ctl's labels, volumes, env and placement to one pod template of the Volcano job (in place)."""
     pod["metadata"].setdefault("labels", {}).update(pod_labels(experiment, stage, attempt))
@@ -101,7 +109,7 @@ def _complete_pod(
 
 
 def render_volcano_job(
-    experiment: DinoExperiment, stage: str, config: TrainConfig, *, attempt: int = 0
+    experiment: DinoExperiment, stage: str, config: StageWork, *, attempt: int = 0
 ) -> dict[str, Any]:
     """The stage's Volcano Job from torchx's kubernetes dry run, named ``<experiment>-<stage>``."""
     from kubernetes.client import ApiClient
@@ -128,7 +136,7 @@ def render_volcano_job(
 
 
 def render_torchx_local(
-    experiment: DinoExperiment, stage: str, config: TrainConfig, *, config_path: str
+    experiment: DinoExperiment, stage: str, config: StageWork, *, config_path: str
 ) -> dict[str, Any]:
     """What ``local_cwd`` would run for the stage: one entry per process group (command, env), no cluster object."""
     request = _dryrun(torchx_appdef(experiment, stage, config, config_path=config_path), "local_cwd", {})

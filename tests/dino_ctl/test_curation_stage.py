@@ -192,15 +192,28 @@ def test_output_must_be_a_shared_filesystem() -> None:
         "backend pytorchjob: file:// is pod-local disk, which the next stage's pods cannot read"]
 
 
-def test_torchx_refuses_a_curation_stage_and_trainjob_needs_fixed_nodes() -> None:
-    assert _messages(_doc(), backend="torchx") == [
-        "spec.backend: invalid value 'torchx'; allowed: pytorchjob, trainjob or local for a spec with a curation "
-        "stage (stages[0] curate): the TorchX backend renders training stages only"]
+def test_trainjob_needs_fixed_nodes_for_a_curation_stage_too() -> None:
     doc = _doc()
     doc["spec"]["stages"][0]["nodes"] = {"min": 2, "max": 4}
     assert _messages(doc, backend="trainjob") == [
         "spec.stages[0].nodes: invalid value {'min': 2, 'max': 4}; allowed: min == max for backend trainjob "
         "(Kubeflow Trainer v2 has no elastic resizing; use pytorchjob or torchx)"]
+
+
+def test_torchx_runs_curation_launch_with_torchrun() -> None:
+    exp = load_spec(CURATION)
+    job = render_job(exp, "curate", backend="torchx")
+    container = job["spec"]["tasks"][0]["template"]["spec"]["containers"][0]
+    script = container["command"][-1]  # bash -c "torchrun ... -m MODULE ARGS"
+    assert script.startswith("torchrun ") and "--nnodes 4:4 --nproc_per_node 8" in script
+    assert script.endswith("-m curation.launch --spec /etc/dino-ctl/curation.yaml --metrics-port 9400")
+    assert job["spec"]["minAvailable"] == 4
+    doc = _doc()
+    doc["spec"].update(backend="torchx", torchx={"scheduler": "local_cwd"}, storage={"checkpoints": "file:///runs/g"})
+    local = render_job(validate_experiment(parse_spec(doc)).experiment, "curate")
+    assert local["configPath"] == "/runs/g/curate/curation.yaml"  # where dino-ctl run writes it
+    assert local["replicas"][0]["args"][-1].endswith("-m curation.launch --spec /runs/g/curate/curation.yaml "
+                                                     "--metrics-port 9400")
 
 
 # --- planner, status ------------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ CASES = {
     "trainjob-2.0.yaml": lambda: _trainjob_version("2.0"),
     "curation-pytorchjob.yaml": lambda: render(load_spec(CURATION)),
     "curation-trainjob.yaml": lambda: render(load_spec(CURATION), backend="trainjob"),
+    "curation-torchx-volcano.yaml": lambda: render(load_spec(CURATION), backend="torchx"),
 }
 
 
