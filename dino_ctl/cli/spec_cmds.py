@@ -45,10 +45,19 @@ def _stage_rows(experiment: Any) -> list[list[Any]]:
     from dino_ctl.stages import resolve_experiment
 
     rows = []
-    for resolved in resolve_experiment(experiment):
-        stage, config, nodes, sizes = (experiment.spec.stage(resolved.name), resolved.config, resolved.nodes,
-                                       resolved.world_sizes)
-        rows.append([stage.name, stage.recipe, ", ".join(stage.dependencies()) or "-", f"{nodes.min}..{nodes.max}",
+    resolved_experiment = resolve_experiment(experiment)
+    for name in resolved_experiment.order:
+        stage = experiment.spec.stage(name)
+        after = ", ".join(stage.dependencies()) or "-"
+        if resolved_experiment.is_curation(name):  # a dataset, not a checkpoint: its output directory
+            curation = resolved_experiment.curation(name)
+            nodes, sizes = curation.nodes, curation.world_sizes
+            rows.append([name, "curation", after, f"{nodes.min}..{nodes.max}", f"{sizes[0]}..{sizes[-1]}", "-", "-",
+                         curation.spec.output])
+            continue
+        resolved = resolved_experiment.stage(name)
+        config, nodes, sizes = resolved.config, resolved.nodes, resolved.world_sizes
+        rows.append([stage.name, stage.recipe, after, f"{nodes.min}..{nodes.max}",
                      f"{sizes[0]}..{sizes[-1]}", config.optim.global_batch_size, config.optim.iterations,
                      resolved.checkpoint_dir])
     return rows

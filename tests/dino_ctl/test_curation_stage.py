@@ -300,3 +300,40 @@ def test_planner_submits_pretraining_only_after_curation_succeeded() -> None:
     assert submits["curation succeeded"] == [("pretrain", "start")]
     assert walk["all succeeded"]["phase"] == "Succeeded"
     assert [a["kind"] for a in walk["all succeeded"]["actions"]] == ["complete"]
+
+
+# --- CLI --------------------------------------------------------------------------------------------------------------
+
+
+def test_validate_lists_the_curation_stage_and_render_renders_it() -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from dino_ctl.cli.main import app
+
+    result = CliRunner().invoke(app, ["validate", str(CURATION), "-o", "json"])
+    assert result.exit_code == 0, result.output
+    stages = json.loads(result.stdout)["stages"]
+    assert [(s["name"], s["recipe"], s["after"], s["worldSizes"]) for s in stages] == [
+        ("curate", "curation", "-", "32..32"), ("pretrain", "vits14", "curate", "16..16")]
+    assert stages[0]["checkpointDir"] == "/mnt/dino-ctl/runs/golden/curate"
+    result = CliRunner().invoke(app, ["render", str(CURATION), "--stage", "curate", "-o", "json"])
+    assert result.exit_code == 0, result.output
+    kinds = [(o["kind"], o["metadata"]["name"]) for o in json.loads(result.stdout)["items"]]
+    assert kinds[:2] == [("ConfigMap", "golden-curate-config"), ("PyTorchJob", "golden-curate")]
+
+
+def test_an_invalid_curation_section_exits_2_with_one_line(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from dino_ctl.cli.main import app
+
+    doc = _doc()
+    _curation(doc)["dedup"] = {"k": 0}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert "spec.stages[0].curation.dedup.k: invalid value 0; allowed: input should be greater than or equal to 1" \
+        in result.output
