@@ -78,9 +78,11 @@ def _action_event(experiment: DinoExperiment, action: Action, observed: Observed
     if action.kind == ActionKind.SUBMIT:
         if action.reason == "start":
             return Event(type=NORMAL, reason="StageSubmitted", message=f"Submitted stage {stage} (attempt 0)")
+        resumes = ("curation resumes from the shards its steps finished"
+                   if experiment.spec.stage(stage).is_curation else "the trainer resumes from its newest complete "
+                   "checkpoint")
         return Event(type=NORMAL, reason="StageResubmitted",
-                     message=f"Resubmitted stage {stage} (attempt {action.attempt}); the trainer resumes from its "
-                     "newest complete checkpoint")
+                     message=f"Resubmitted stage {stage} (attempt {action.attempt}); {resumes}")
     if action.kind != ActionKind.DELETE:
         return None  # FAIL_STAGE and COMPLETE repeat every pass: reported as transitions instead
     if action.reason == "cancel":

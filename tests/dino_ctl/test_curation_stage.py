@@ -337,3 +337,28 @@ def test_an_invalid_curation_section_exits_2_with_one_line(tmp_path) -> None:
     assert result.exit_code == 2
     assert "spec.stages[0].curation.dedup.k: invalid value 0; allowed: input should be greater than or equal to 1" \
         in result.output
+
+
+def test_controller_pass_chains_curation_into_pretraining() -> None:
+    from dino_ctl.controller.core import reconcile
+
+    exp = load_spec(CURATION)
+    first = reconcile(exp, observe([], experiment="golden"), None, now="2026-01-01T00:00:00Z")
+    assert [(a.kind.value, a.stage) for a in first.actions] == [("submit", "curate")]
+    assert [(e.reason, e.message) for e in first.events][0] == ("StageSubmitted", "Submitted stage curate (attempt 0)")
+    assert first.status["currentStage"] == "curate"
+    failed = observe([_job(exp, "curate", "Failed"), _pod(exp, "curate", 1)], experiment="golden")
+    retry = reconcile(exp, failed, first.status, now="2026-01-01T00:05:00Z")
+    assert [e.reason for e in retry.events][0] == "StageFailed"
+    deleted = observe([{**render_stage(exp, "curate")[0], "metadata": {
+        **render_stage(exp, "curate")[0]["metadata"],
+        "annotations": {"dino-ctl.io/restarts": '{"failure": 1, "preemption": 0, "eviction": 0}'}}}],
+        experiment="golden")
+    resubmit = reconcile(exp, deleted, retry.status, now="2026-01-01T00:06:00Z")
+    assert [(e.reason, e.message) for e in resubmit.events][0] == (
+        "StageResubmitted", "Resubmitted stage curate (attempt 1); curation resumes from the shards its steps finished")
+    done = reconcile(exp, observe([_job(exp, "curate", "Succeeded")], experiment="golden"), resubmit.status,
+                     now="2026-01-01T01:00:00Z")
+    assert [(a.kind.value, a.stage) for a in done.actions] == [("submit", "pretrain")]
+    assert done.status["currentStage"] == "pretrain"
+    assert [s["phase"] for s in done.status["stages"]] == ["Succeeded", "Pending"]
