@@ -102,3 +102,21 @@ def test_curate_pretrain_distill_chain(tmp_path: Path) -> None:
     distill = yaml.safe_load((runs / "distill" / layout.CONFIG_FILE).read_text())
     assert distill["stage"]["teacher_from"] == str(runs / "pretrain")
     assert (runs / "distill" / "export" / "backbone.safetensors").exists()
+
+
+def test_curation_stage_on_two_ranks(tmp_path: Path) -> None:
+    """``--nproc 2``: the curation stage runs under a standalone torchrun, each rank owning a shard of the pool."""
+    pool, evaluation = _pool(tmp_path / "images")
+    runs = tmp_path / "runs"
+    spec = tmp_path / "curated.yaml"
+    text = textwrap.dedent(SPEC).replace("STORAGE", str(runs)).replace("POOL", str(pool))
+    spec.write_text(text.replace("EVAL", str(evaluation)))
+    result = CliRunner().invoke(app, ["run", str(spec), "--stage", "curate", "--nproc", "2", "--output", "json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [s["name"] for s in summary["stages"]] == ["curate"] and "checkpoint" not in summary
+    steps = {s["name"]: s for s in summary["stages"][0]["curation_steps"]}
+    assert steps["dedup"]["summary"] == {"input": 32, "components": 24, "removed_copies": 8, "removed_eval": 1,
+                                         "kept": 23}
+    assert steps["write"]["summary"] == {"samples": 23, "partitions": 2}
+    assert json.loads((runs / "curate" / "manifest.json").read_text())["samples"] == NUM_ORIGINALS - 1
