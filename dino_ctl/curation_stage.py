@@ -4,8 +4,8 @@ The stage's ``curation`` section is a curation spec (:class:`curation.config.Cur
 ``dino-ctl curate`` reads, snake_case keys) without ``jobs``: placement comes from the experiment (``spec.resources``,
 the stage's ``nodes``), like a training stage's. Resolution (:func:`resolve_curation`, torch-free):
 
-- ``name`` defaults to the stage name, ``seed`` to the stage's seed (else ``spec.seed``); ``output`` (a ``pvc://claim/path`` or, for ``dino-ctl run``, a ``file://``
-  URI) defaults to ``<storage.checkpoints>/<stage>`` when the checkpoints live on a PVC or a local disk; with an
+- ``name`` defaults to the stage name, ``seed`` to the stage's seed (else ``spec.seed``); ``output`` (a
+  ``pvc://claim/path`` or, for ``dino-ctl run``, a ``file://`` URI) defaults to ``<storage.checkpoints>/<stage>`` when the checkpoints live on a PVC or a local disk; with an
   object store for checkpoints it must be given (curation works on a shared filesystem; ``write.remote`` publishes
   the finished dataset to an object store).
 - pvc:// and file:// URIs in ``output``, ``sources[].path`` and ``embed.checkpoint`` become the paths the pods see
@@ -51,7 +51,6 @@ CURATION_GRACE_SECONDS = 60
 """Pod grace period of a curation stage: every step is resumable from its finished shards, nothing to save."""
 OUTPUT_SCHEMES = ("pvc", "file")
 """Where a curation stage may work: a filesystem the pods (or this machine) share."""
-_PATH_FIELDS = ("output",)
 
 
 def curation_stage_error(experiment: DinoExperiment, stage: str, error: ConfigError) -> SpecError:
