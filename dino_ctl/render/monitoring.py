@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from trainer.metric_names import CONTROLLER_METRICS, TRAINER_METRICS
+from trainer.metric_names import CONTROLLER_METRICS, CURATION_METRICS, TRAINER_METRICS
 
 from dino_ctl.naming import LABEL_EXPERIMENT, LABEL_STAGE, truncate_name
 
@@ -332,6 +332,27 @@ _ROWS: tuple[tuple[str, tuple[_Panel, ...]], ...] = (
              "{{stage}} {{reason}}"),),
             "Counted by the dino-ctl controller; preemptions do not use the failure budget."),
     )),
+    # Curation stages (curation.launch --metrics-port): the PodMonitor scrapes the port named ``metrics``, served by
+    # each pod's local rank 0. The metrics' own ``stage`` label (the k-means fit) clashes with the target label the
+    # PodMonitor sets from the pod's stage, so Prometheus keeps it as ``exported_stage``.
+    ("Curation", (
+        _Panel("Images embedded per second", "short", (
+            (f"sum by (stage, source) (rate(dino_curation_images_embedded_total{{{_F}}}{_RATE}))",
+             "{{stage}} {{source}}"),),
+            "Counted by the rank that serves each pod's metrics port (local rank 0): multiply by the ranks per pod."),
+        _Panel("k-means inertia", "none", (
+            (f"max by (stage, exported_stage) (dino_curation_kmeans_inertia{{{_F}}})",
+             "{{stage}} {{exported_stage}}"),)),
+        _Panel("k-means iteration", "short", (
+            (f"max by (stage, exported_stage) (dino_curation_kmeans_iteration{{{_F}}})",
+             "{{stage}} {{exported_stage}}"),)),
+        _Panel("Duplicates found", "short", (
+            (f"max by (stage, kind) (dino_curation_duplicates_found_total{{{_F}}})", "{{stage}} {{kind}}"),)),
+        _Panel("Steps completed", "short", (
+            (f"max by (stage, step) (dino_curation_step_completed{{{_F}}})", "{{stage}} {{step}}"),)),
+        _Panel("Step duration", "s", (
+            (f"max by (stage, step) (dino_curation_step_duration_seconds{{{_F}}})", "{{stage}} {{step}}"),)),
+    )),
     ("GPUs (dcgm-exporter, joined on namespace and pod)", (
         _Panel("GPU utilisation", "percent", ((_dcgm_per_pod("DCGM_FI_DEV_GPU_UTIL"), "{{pod}}"),)),
         _Panel("GPU memory used", "decmbytes", ((_dcgm_per_pod("DCGM_FI_DEV_FB_USED"), "{{pod}}"),)),
@@ -492,12 +513,12 @@ def referenced_metric_names(expr: str) -> set[str]:
 
 
 def known_metric_names() -> frozenset[str]:
-    """Every series name a query may select: trainer and controller metrics and dcgm-exporter's.
+    """Every series name a query may select: trainer, curation and controller metrics and dcgm-exporter's.
 
     A histogram has no series under its own name, only ``_bucket``, ``_sum`` and ``_count``.
     """
     names = set(DCGM_METRICS)
-    for name, (kind, _help, _labels) in {**TRAINER_METRICS, **CONTROLLER_METRICS}.items():
+    for name, (kind, _help, _labels) in {**TRAINER_METRICS, **CONTROLLER_METRICS, **CURATION_METRICS}.items():
         if kind == "histogram":
             names.update(f"{name}{suffix}" for suffix in ("_bucket", "_sum", "_count"))
         else:

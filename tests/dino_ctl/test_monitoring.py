@@ -124,7 +124,8 @@ def test_dashboard_queries_use_only_known_metrics() -> None:
     for metric in ("dino_train_loss", "dino_train_learning_rate", "dino_train_teacher_temperature",
                    "dino_train_teacher_momentum", "dino_train_images_per_second", "dino_train_mfu_ratio",
                    "dino_data_wait_seconds_sum", "dino_checkpoint_last_success_timestamp_seconds",
-                   "dino_ctl_stage_restarts_total", *DCGM_METRICS):
+                   "dino_ctl_stage_restarts_total", *DCGM_METRICS, "dino_curation_images_embedded_total",
+                   "dino_curation_kmeans_inertia", "dino_curation_duplicates_found_total"):
         assert metric in used, metric
 
 
