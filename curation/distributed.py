@@ -29,6 +29,7 @@ __all__ = [
     "all_reduce_sum",
     "barrier",
     "broadcast_object",
+    "gather_arrays",
     "get_rank",
     "get_world_size",
     "global_offset",
@@ -139,6 +140,25 @@ def all_gather_arrays(array: np.ndarray) -> list[np.ndarray]:
     tensor = _to_tensor(padded)
     parts = [torch.empty_like(tensor) for _ in range(world)]
     dist.all_gather(parts, tensor)
+    return [_from_tensor(part, array.dtype)[: int(n)] for part, n in zip(parts, lengths, strict=True)]
+
+
+def gather_arrays(array: np.ndarray, dst: int = 0) -> list[np.ndarray] | None:
+    """Every rank's array (same dtype and trailing shape, any length) on ``dst`` in rank order; None elsewhere."""
+    array = np.asarray(array)
+    if not is_distributed():
+        return [array]
+    world, rank = dist.get_world_size(), dist.get_rank()
+    lengths = np.zeros(world, np.int64)
+    lengths[rank] = len(array)
+    lengths = all_reduce_sum(lengths)
+    padded = np.zeros((int(lengths.max()), *array.shape[1:]), array.dtype)
+    padded[: len(array)] = array
+    tensor = _to_tensor(padded)
+    parts = [torch.empty_like(tensor) for _ in range(world)] if rank == dst else None
+    dist.gather(tensor, parts, dst=dst)
+    if parts is None:
+        return None
     return [_from_tensor(part, array.dtype)[: int(n)] for part, n in zip(parts, lengths, strict=True)]
 
 

@@ -17,7 +17,17 @@ import numpy as np
 from curation.config import IndexConfig
 from trainer.config import ConfigError
 
-__all__ = ["assign", "build_index", "choose_index_kind", "gpu_available", "kmeans", "knn_search"]
+__all__ = [
+    "assign",
+    "build_index",
+    "choose_index_kind",
+    "gpu_available",
+    "kmeans",
+    "knn_search",
+    "to_device",
+    "training_positions",
+    "untrained_index",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -51,39 +61,55 @@ def _nlist(num_vectors: int, config: IndexConfig) -> int:
     return max(1, min(nlist, num_vectors // 39))
 
 
+def untrained_index(
+    num_vectors: int, dim: int, *, config: IndexConfig, field: str = "index", seed: int = 0, kind: str | None = None
+) -> faiss.Index:
+    """An empty CPU inner-product index for a database of ``num_vectors`` (not yet trained when approximate)."""
+    kind = kind or choose_index_kind(num_vectors, config)
+    if kind == "flat":
+        return faiss.IndexFlatIP(dim)
+    nlist = _nlist(num_vectors, config)
+    quantizer = faiss.IndexFlatIP(dim)
+    if kind == "ivf_flat":
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    else:
+        if dim % config.pq_bytes:
+            raise ConfigError(f"{field}.pq_bytes", config.pq_bytes, f"a divisor of the embedding dimension {dim}")
+        index = faiss.IndexIVFPQ(quantizer, dim, nlist, config.pq_bytes, 8, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = seed
+    index.nprobe = min(config.nprobe, nlist)
+    return index
+
+
+def training_positions(num_vectors: int, index: faiss.Index, seed: int) -> np.ndarray | None:
+    """Sorted rows of the database an approximate index trains on (256 per list), None when it needs none."""
+    if index.is_trained:
+        return None
+    max_points = 256 * faiss.extract_index_ivf(index).nlist
+    if num_vectors <= max_points:
+        return np.arange(num_vectors, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(num_vectors, max_points, replace=False))
+
+
+def to_device(index: faiss.Index, *, config: IndexConfig, field: str = "index") -> faiss.Index:
+    """The index moved to the GPU(s) when ``config.gpu`` enables it."""
+    return _to_gpus(index) if _use_gpu(config.gpu, f"{field}.gpu") else index
+
+
 def build_index(
     database: np.ndarray, *, config: IndexConfig, field: str = "index", seed: int = 0, kind: str | None = None
 ) -> faiss.Index:
     """An inner-product index over ``database`` (trained if approximate), on the GPU(s) when enabled."""
     database = np.ascontiguousarray(database, dtype=np.float32)
     num, dim = database.shape
-    kind = kind or choose_index_kind(num, config)
-    if kind == "flat":
-        index = faiss.IndexFlatIP(dim)
-    else:
-        nlist = _nlist(num, config)
-        quantizer = faiss.IndexFlatIP(dim)
-        if kind == "ivf_flat":
-            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        else:
-            if dim % config.pq_bytes:
-                raise ConfigError(f"{field}.pq_bytes", config.pq_bytes, f"a divisor of the embedding dimension {dim}")
-            index = faiss.IndexIVFPQ(quantizer, dim, nlist, config.pq_bytes, 8, faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = seed
-        index.nprobe = min(config.nprobe, nlist)
-        index.train(_training_sample(database, 256 * nlist, seed))
-    if _use_gpu(config.gpu, f"{field}.gpu"):
-        index = _to_gpus(index)
+    index = untrained_index(num, dim, config=config, field=field, seed=seed, kind=kind)
+    rows = training_positions(num, index, seed)
+    if rows is not None:
+        index.train(database[rows])
+    index = to_device(index, config=config, field=field)
     index.add(database)
     logger.debug("built %s index over %d x %d", kind, num, dim)
     return index
-
-
-def _training_sample(x: np.ndarray, max_points: int, seed: int) -> np.ndarray:
-    if len(x) <= max_points:
-        return x
-    rows = np.sort(np.random.default_rng(seed).choice(len(x), max_points, replace=False))
-    return x[rows]
 
 
 def _to_gpus(index: faiss.Index) -> faiss.Index:

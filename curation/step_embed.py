@@ -16,10 +16,12 @@ import numpy as np
 
 from curation.config import SourceConfig
 from curation.context import Context, step_directory
+from curation.distributed import barrier
 from curation.embedders import Embedder, build_embedder
 from curation.sources import open_source, shard_range, source_fingerprint
 from curation.storage import (
     EmbeddingShard,
+    l2_normalize,
     hash_json,
     list_embedding_shards,
     load_embeddings,
@@ -29,7 +31,17 @@ from curation.storage import (
     write_marker,
 )
 
-__all__ = ["PoolTable", "embed_inputs", "load_pool", "load_source_embeddings", "run_embed"]
+__all__ = [
+    "PoolRows",
+    "PoolTable",
+    "embed_inputs",
+    "load_pool",
+    "load_pool_meta",
+    "load_pool_rows",
+    "load_source_embeddings",
+    "pool_size",
+    "run_embed",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +75,7 @@ def _embed_shard(context: Context, embedder: Embedder, source: SourceConfig, sha
             ids.extend(batch.ids)
             arrays.append(batch.embeddings)
         advance(len(batch.rows) + batch.num_bad)
+        context.metrics.images_embedded(source.name, len(batch.rows))
     if not arrays and len(rows):
         logger.warning("source %s shard %d: none of its %d images could be decoded", source.name, shard, len(rows))
     dtype = np.dtype(context.spec.embed.dtype)
@@ -78,7 +91,8 @@ def _embed_shard(context: Context, embedder: Embedder, source: SourceConfig, sha
 
 
 def run_embed(context: Context, config_hash: str) -> tuple[str, dict[str, Any]]:
-    """Compute this worker's missing shards; commit the step when every shard exists."""
+    """Compute this worker's missing shards (rank r of W: shards r, r+W, ...); commit the step when every shard
+    exists (rank 0 writes the marker once every rank is past its shards)."""
     spec = context.spec
     embedder: Embedder | None = None
     image_sources = [s for s in spec.sources if s.kind != "embeddings"]
@@ -87,10 +101,13 @@ def run_embed(context: Context, config_hash: str) -> tuple[str, dict[str, Any]]:
         for shard in context.shards(spec.embed.num_shards, "embed.num_shards"):
             meta = read_shard_meta(_stem(context, source, shard))
             if meta is not None and meta.get("hash") == part_hash:
+                context.metrics.shard("embed", "reused")
                 continue
             embedder = embedder or build_embedder(spec.embed)  # loads the backbone only when there is work
             _embed_shard(context, embedder, source, shard, part_hash)
+            context.metrics.shard("embed", "computed")
             context.checkpoint(f"embed:{source.name}:{shard_name(shard, spec.embed.num_shards)}")
+    barrier()
     summary: dict[str, Any] = {}
     for source in image_sources:
         part_hash = _source_hash(context, source)
@@ -102,7 +119,8 @@ def run_embed(context: Context, config_hash: str) -> tuple[str, dict[str, Any]]:
     for source in spec.sources:
         if source.kind == "embeddings":
             summary[f"{source.name}.precomputed"] = len(load_source_embeddings(context, source).ids)
-    write_marker(step_directory(context.root, "embed"), step="embed", config_hash=config_hash, summary=summary)
+    if context.rank == 0:
+        write_marker(step_directory(context.root, "embed"), step="embed", config_hash=config_hash, summary=summary)
     return "done", summary
 
 
@@ -123,7 +141,25 @@ class PoolTable:
     rows: np.ndarray
     """int64 ``[n]`` row inside its source (what :meth:`ImageSource.read` takes)."""
     ids: list[str]
-    embeddings: np.ndarray
+    embeddings: np.ndarray | None
+    """None from :func:`load_pool_meta`."""
+
+
+def load_pool_meta(context: Context) -> PoolTable:
+    """The pool's sources, rows and ids without the embeddings (what the write step needs)."""
+    pool_sources = context.spec.sources_with_role("pool")
+    names, source_of, rows, ids = [], [], [], []
+    for i, source in enumerate(pool_sources):
+        names.append(source.name)
+        for stem in _source_stems(context, source):
+            meta = read_shard_meta(stem)
+            if meta is None:
+                raise FileNotFoundError(f"embedding shard {stem} is missing")
+            ids.extend(meta["ids"])
+            rows.append(np.asarray(meta["indices"], dtype=np.int64))
+            source_of.append(np.full(len(meta["ids"]), i, np.int32))
+    return PoolTable(sources=names, source_of=np.concatenate(source_of), rows=np.concatenate(rows), ids=ids,
+                     embeddings=None)
 
 
 def load_pool(context: Context) -> PoolTable:
@@ -140,3 +176,52 @@ def load_pool(context: Context) -> PoolTable:
         ids=[i for s in shards for i in s.ids],
         embeddings=np.concatenate([s.embeddings for s in shards]),
     )
+
+
+def _source_stems(context: Context, source: SourceConfig) -> list[Path]:
+    if source.kind == "embeddings":
+        return list_embedding_shards(source.path)
+    return [_stem(context, source, i) for i in range(context.spec.embed.num_shards)]
+
+
+def _pool_files(context: Context) -> list[tuple[Path, int, int]]:
+    """``(stem, first global pool row, rows)`` of every non-empty pool shard, in global row order."""
+    files, start = [], 0
+    for source in context.spec.sources_with_role("pool"):
+        for stem in _source_stems(context, source):
+            count = len(np.load(f"{stem}.npy", mmap_mode="r", allow_pickle=False))
+            if count:
+                files.append((stem, start, count))
+                start += count
+    return files
+
+
+def pool_size(context: Context) -> int:
+    """Number of pool rows (every pool source's embeddings, in spec order)."""
+    return sum(count for _, _, count in _pool_files(context))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolRows:
+    """Some global pool rows and their embeddings (float32, L2-normalised)."""
+
+    rows: np.ndarray
+    embeddings: np.ndarray
+
+
+def load_pool_rows(context: Context, rows: np.ndarray) -> PoolRows:
+    """The embeddings of the given global pool rows (sorted ascending), read through memory maps: a rank reads only
+    the rows it owns, never the whole pool."""
+    rows = np.asarray(rows, dtype=np.int64)
+    parts = []
+    dim = 0
+    for stem, start, count in _pool_files(context):
+        array = np.load(f"{stem}.npy", mmap_mode="r", allow_pickle=False)
+        dim = array.shape[1]
+        lo, hi = np.searchsorted(rows, [start, start + count])
+        if hi > lo:
+            parts.append(np.asarray(array[rows[lo:hi] - start], dtype=np.float32))
+    embeddings = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+    if len(embeddings) != len(rows):
+        raise ValueError(f"{len(rows)} pool rows asked, {len(embeddings)} found (rows outside the pool)")
+    return PoolRows(rows=rows, embeddings=l2_normalize(embeddings))

@@ -21,7 +21,8 @@ import numpy as np
 
 from curation.context import Context, step_directory
 from curation.sources import ImageSource, open_source
-from curation.step_embed import PoolTable, load_pool, load_source_embeddings
+from curation.distributed import barrier, broadcast_object
+from curation.step_embed import PoolTable, load_pool_meta, load_source_embeddings
 from curation.step_select import load_array
 from curation.storage import atomic_write_json, publish_dataset, read_marker, replace_directory, write_marker
 from trainer.data.contract import make_sample, open_writer
@@ -64,7 +65,7 @@ def _load_selection(context: Context) -> _Selection:
     }
     query_sources = context.spec.sources_with_role("query")
     return _Selection(
-        pool=load_pool(context),
+        pool=load_pool_meta(context),
         rows=selected[order],
         component=load_array(context, "dedup", "component"),
         retrieval=retrieval,
@@ -142,9 +143,15 @@ def run_write(context: Context, config_hash: str) -> tuple[str, dict[str, Any]]:
     for j in context.shards(config.num_shards, "write.num_shards"):
         if read_marker(parts[j], config_hash=config_hash) is None:
             _write_partition(context, sel, j, images, config_hash)
+            context.metrics.shard("write", "computed")
             context.checkpoint(f"write:{parts[j].name}")
+        else:
+            context.metrics.shard("write", "reused")
+    barrier()  # every rank's partitions are in place; rank 0 merges them into one dataset
+    if context.rank != 0:
+        return "done", broadcast_object(None)
     if any(read_marker(p, config_hash=config_hash) is None for p in parts):
-        return "partial", {"partitions": f"{config.num_shards} expected, others still missing"}
+        return "partial", broadcast_object({"partitions": f"{config.num_shards} expected, others still missing"})
     for stale in [*dataset.glob("part-*"), *dataset.glob(".part-*.tmp-*")]:
         if stale not in parts:
             shutil.rmtree(stale)  # partitions of an earlier, larger num_shards, or left by a crashed writer
@@ -157,7 +164,7 @@ def run_write(context: Context, config_hash: str) -> tuple[str, dict[str, Any]]:
         publish_dataset(dataset, context.root / MANIFEST_NAME, config.remote, partitions=[p.name for p in parts])
         summary["remote"] = config.remote
     write_marker(dataset, step="write", config_hash=config_hash, summary=summary)
-    return "done", summary
+    return "done", broadcast_object(summary)
 
 
 def _manifest(context: Context, write_summary: dict[str, Any]) -> dict[str, Any]:
