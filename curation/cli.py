@@ -35,6 +35,10 @@ NumShardsOpt = Annotated[
 RenderOpt = Annotated[bool, typer.Option("--render", help="print the Kubernetes ConfigMap and PyTorchJob as YAML and exit")]
 ImageOpt = Annotated[str | None, typer.Option("--image", help="container image for --render")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="log at INFO level")]
+RanksOpt = Annotated[
+    int,
+    typer.Option("--ranks", min=1, help="run N local ranks (torchrun + python -m curation.launch, gloo on CPU)"),
+]
 
 
 def _load(spec_path: Path, steps: list[str] | None, num_shards: int | None):  # -> CurationSpec
@@ -58,6 +62,7 @@ def curate(
     render: RenderOpt = False,
     image: ImageOpt = None,
     verbose: VerboseOpt = False,
+    ranks: RanksOpt = 1,
 ) -> None:
     """Curate an image pool: embed, deduplicate, retrieve, balance, write MDS shards (each step resumable)."""
     from rich.console import Console
@@ -72,13 +77,33 @@ def curate(
         if render:
             _render(spec, image)
             return
-        results = _run(spec, step_list, shard_index, console)
+        if ranks > 1:
+            if shard_index is not None or num_shards is not None:
+                raise ConfigError("--ranks", ranks, "1 with --shard-index or --num-shards (ranks shard the steps)")
+        else:
+            results = _run(spec, step_list, shard_index, console)
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
     except (RuntimeError, OSError) as exc:  # OSError: also trainer.storage.StorageError (write.remote)
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(code=1) from None
+    if ranks > 1:  # outside the try: typer.Exit is a RuntimeError
+        raise typer.Exit(code=_run_ranks(spec_path, steps, ranks, verbose))
     _print_results(console, results, Path(spec.output))
+
+
+def _run_ranks(spec_path: Path, steps: str | None, ranks: int, verbose: bool) -> int:
+    """``torchrun --standalone --nproc-per-node RANKS -m curation.launch``: the cluster's entry point, locally."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+               "-m", "curation.launch", "--spec", str(spec_path)]
+    command += (["--steps", steps] if steps else []) + (["--verbose"] if verbose else [])
+    # Each rank gets an equal share of the cores (torchrun would otherwise default every rank to one thread).
+    threads = max(1, (os.cpu_count() or 1) // ranks)
+    return subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, check=False).returncode
 
 
 def _render(spec, image: str | None) -> None:

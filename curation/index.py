@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable
 
 import faiss
@@ -112,7 +113,17 @@ def build_index(
     return index
 
 
+_GPU_RESOURCES: dict[int, object] = {}
+
+
 def _to_gpus(index: faiss.Index) -> faiss.Index:
+    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        # One torchrun rank per GPU (curation.launch): each rank's shard goes to its own GPU only.
+        options = faiss.GpuClonerOptions()
+        options.useFloat16 = True
+        device = int(os.environ.get("LOCAL_RANK", "0")) % faiss.get_num_gpus()
+        resources = _GPU_RESOURCES.setdefault(device, faiss.StandardGpuResources())  # must outlive the index
+        return faiss.index_cpu_to_gpu(resources, device, index, options)
     # Shard the database across GPUs (each holds 1/G of the vectors, queries fan out), fp16 storage for flat/IVF.
     options = faiss.GpuMultipleClonerOptions()
     options.shard = True

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from curation.metrics import CurationMetrics
-from curation.progress import LogReporter, Reporter, RichReporter
+from curation.progress import LogReporter, RichReporter
 from trainer.config import ConfigError
 
 __all__ = ["main"]
@@ -127,7 +127,8 @@ def _run(spec, steps, args, *, rank: int, world_size: int, hook) -> int:
         metrics.start_server(port)
     start = time.perf_counter()
     with process_group(world_size=world_size, rank=rank):
-        reporter = _reporter(rank) if rank == 0 else Reporter()
+        # Rank 0 reports progress; the others only with --verbose (their shares, through this module's logger).
+        reporter = _reporter(rank) if rank == 0 else LogReporter(prefix=f"rank {rank}", emit=logger.info)
         with reporter:
             results = run_pipeline(spec, steps=steps, reporter=reporter, failure_hook=hook, metrics=metrics)
     if rank == 0 and args.report is not None:

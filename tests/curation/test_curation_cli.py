@@ -84,3 +84,21 @@ def test_python_dash_m_curation_uses_job_completion_index(tmp_path: Path) -> Non
     assert run.returncode == 0, run.stderr
     shards = sorted(p.name for p in (tmp_path / "out" / "embed" / "pool").glob("*.json"))
     assert shards == ["part-00001-of-00002.json"]  # only this pod's shard
+
+
+def test_curate_with_two_local_ranks_matches_one(tmp_path: Path) -> None:
+    one = _write_spec(tmp_path / "one")
+    two = _write_spec(tmp_path / "two")
+    assert CliRunner().invoke(app, ["curate", str(one)]).exit_code == 0
+    result = subprocess.run([sys.executable, "-m", "dino_ctl.cli.main", "curate", str(two), "--ranks", "2"],
+                            cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 0: step write done" in result.stderr
+    manifests = [json.loads((p / "out" / "manifest.json").read_text()) for p in (tmp_path / "one", tmp_path / "two")]
+    assert manifests[0]["samples"] == manifests[1]["samples"] == 6
+    assert manifests[0]["steps"]["dedup"]["summary"] == manifests[1]["steps"]["dedup"]["summary"]
+
+
+def test_ranks_refuse_shard_options(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["curate", str(_write_spec(tmp_path)), "--ranks", "2", "--shard-index", "0"])
+    assert result.exit_code == 2 and "--ranks" in result.output
