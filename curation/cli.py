@@ -6,6 +6,9 @@ Importing this module is cheap (typer and rich only); numpy, faiss and torch loa
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -94,10 +97,6 @@ def curate(
 
 def _run_ranks(spec_path: Path, steps: str | None, ranks: int, verbose: bool) -> int:
     """``torchrun --standalone --nproc-per-node RANKS -m curation.launch``: the cluster's entry point, locally."""
-    import os
-    import subprocess
-    import sys
-
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
                "-m", "curation.launch", "--spec", str(spec_path)]
     command += (["--steps", steps] if steps else []) + (["--verbose"] if verbose else [])
