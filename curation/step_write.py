@@ -137,6 +137,11 @@ def run_write(context: Context, config_hash: str) -> tuple[str, dict[str, Any]]:
     from streaming.base.util import merge_index
 
     config, dataset = context.spec.write, step_directory(context.root, "write")
+    if not config.enabled:  # e.g. a pool of precomputed embeddings: the selection arrays are the result
+        summary = {"enabled": False}
+        if context.rank == 0:
+            write_marker(dataset, step="write", config_hash=config_hash, summary=summary)
+        return "done", summary
     sel = _load_selection(context)
     images = {s.name: open_source(s) for s in context.spec.sources_with_role("pool")}
     parts = [dataset / f"part-{j:05d}" for j in range(config.num_shards)]
