@@ -85,11 +85,39 @@ def _search(shard: ShardIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     return sims, np.where(missing, -1, ids + shard.offset)
 
 
+def _pack(sims: np.ndarray, ids: np.ndarray, min_similarity: float | None) -> np.ndarray:
+    """``[m, 4]`` int64 rows (query, column, similarity bits, id) of the candidates worth sending."""
+    keep = ids >= 0 if min_similarity is None else (ids >= 0) & (sims > min_similarity)
+    query, column = np.nonzero(keep)
+    return np.stack([query, column, sims[keep].view(np.int32).astype(np.int64), ids[keep]], axis=1)
+
+
+def _unpack(parts: list[np.ndarray], num_queries: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates ``[num_queries, W * k]`` from every shard's packed rows (missing ones: id -1, similarity -inf)."""
+    sims = np.full((num_queries, len(parts) * k), -np.inf, np.float32)
+    ids = np.full((num_queries, len(parts) * k), -1, np.int64)
+    for shard, rows in enumerate(parts):
+        sims[rows[:, 0], shard * k + rows[:, 1]] = rows[:, 2].astype(np.int32).view(np.float32)
+        ids[rows[:, 0], shard * k + rows[:, 1]] = rows[:, 3]
+    return sims, ids
+
+
 def sharded_search(
-    shard: ShardIndex, queries: np.ndarray, k: int, *, batch_size: int = 16_384, advance: Advance | None = None
+    shard: ShardIndex,
+    queries: np.ndarray,
+    k: int,
+    *,
+    batch_size: int = 16_384,
+    advance: Advance | None = None,
+    min_similarity: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(similarities [nq, k], global ids [nq, k])`` of THIS rank's queries against every rank's shard. Collective:
-    every rank calls it (with its own queries, possibly none)."""
+    every rank calls it (with its own queries, possibly none).
+
+    ``min_similarity``: only neighbours above it are sent back (and returned; the others are id -1). Deduplication
+    only keeps edges above its threshold, and dropping what is below it commutes with the top-k merge (neighbours
+    above a threshold are a prefix of the sorted list), so this changes no decision while the traffic falls from
+    ``k`` results per query and shard to the few copies a query has."""
     world, rank = get_world_size(), get_rank()
     num_batches = int(all_reduce_max(np.array([-(-len(queries) // batch_size)]))[0])
     out_sims, out_ids = [], []
@@ -100,13 +128,10 @@ def sharded_search(
         bounds = np.cumsum([0] + [len(b) for b in blocks])
         for owner in range(world):  # each shard's answers to `owner`'s queries go to `owner` only
             part = slice(bounds[owner], bounds[owner + 1])
-            packed = np.concatenate([sims[part].view(np.int32).astype(np.int64), ids[part]], axis=1)
-            gathered = gather_arrays(packed, dst=owner)
+            gathered = gather_arrays(_pack(sims[part], ids[part], min_similarity), dst=owner)
             if owner == rank:
                 assert gathered is not None
-                cand_sims = np.concatenate([g[:, :k].astype(np.int32).view(np.float32) for g in gathered], axis=1)
-                cand_ids = np.concatenate([g[:, k:] for g in gathered], axis=1)
-                merged = merge_topk(cand_sims, cand_ids, k)
+                merged = merge_topk(*_unpack(gathered, len(blocks[owner]), k), k)
                 out_sims.append(merged[0])
                 out_ids.append(merged[1])
         if advance is not None:
@@ -140,11 +165,11 @@ def distributed_dedup(
     if found is None:
         shard = build_shard_index(local_pool, config=config.index, field="dedup.index", seed=seed)
         # k + 1: every image finds itself first; the self-match is dropped when building edges.
+        graph_threshold = min(config.eval_threshold, config.threshold)
         sims, ids = sharded_search(shard, local_pool, config.k + 1, batch_size=config.index.batch_size,
-                                   advance=advance)
+                                   advance=advance, min_similarity=graph_threshold if with_eval else config.threshold)
         positions = np.arange(offset, offset + len(local_pool), dtype=np.int64)
         found = {"edges": knn_edges(sims, ids, config.threshold, query_ids=positions)}
-        graph_threshold = min(config.eval_threshold, config.threshold)
         found["eval_edges"] = knn_edges(sims, ids, graph_threshold, query_ids=positions) if with_eval else \
             np.zeros((0, 2), np.int64)
         found["direct"] = _near_eval(local_pool, eval_sets, config=config)[0] + offset if with_eval else \
