@@ -47,6 +47,9 @@ class ShardIndex:
     index: faiss.Index
     offset: int
     total: int
+    ivf: faiss.IndexIVF | None = None
+    """The CPU IVF index (None for flat or GPU indexes): queries are coarse-quantized once, by their owner, and each
+    shard scans the lists it was told (``search_preassigned``) instead of quantizing every query again."""
 
 
 def build_shard_index(local: np.ndarray, *, config: IndexConfig, field: str, seed: int = 0) -> ShardIndex:
@@ -65,7 +68,8 @@ def build_shard_index(local: np.ndarray, *, config: IndexConfig, field: str, see
         index = faiss.deserialize_index(broadcast_object(trained))
     index = to_device(index, config=config, field=field)
     index.add(local)
-    return ShardIndex(index=index, offset=offset, total=total)
+    ivf = faiss.try_extract_index_ivf(index) if not hasattr(index, "getDevice") else None
+    return ShardIndex(index=index, offset=offset, total=total, ivf=ivf)
 
 
 def merge_topk(sims: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -76,10 +80,16 @@ def merge_topk(sims: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, n
     return np.take_along_axis(sims, by_sim, 1), np.take_along_axis(ids, by_sim, 1)
 
 
-def _search(shard: ShardIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _search(
+    shard: ShardIndex, queries: np.ndarray, k: int, probes: tuple[np.ndarray, np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray]:
     if shard.index.ntotal == 0 or len(queries) == 0:
         return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
-    sims, ids = shard.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if probes is not None and shard.ivf is not None:
+        sims, ids = shard.ivf.search_preassigned(queries, k, probes[1], probes[0])
+    else:
+        sims, ids = shard.index.search(queries, k)
     missing = ids < 0
     sims[missing] = -np.inf
     return sims, np.where(missing, -1, ids + shard.offset)
@@ -122,9 +132,13 @@ def sharded_search(
     num_batches = int(all_reduce_max(np.array([-(-len(queries) // batch_size)]))[0])
     out_sims, out_ids = [], []
     for batch in range(num_batches):
-        block = queries[batch * batch_size : (batch + 1) * batch_size]
+        block = np.ascontiguousarray(queries[batch * batch_size : (batch + 1) * batch_size], dtype=np.float32)
         blocks = all_gather_arrays(block)
-        sims, ids = _search(shard, np.concatenate(blocks), k)
+        probes = None
+        if shard.ivf is not None:  # the owner's coarse quantization travels with its queries
+            coarse_sims, coarse_lists = shard.ivf.quantizer.search(block, shard.ivf.nprobe)
+            probes = (np.concatenate(all_gather_arrays(coarse_sims)), np.concatenate(all_gather_arrays(coarse_lists)))
+        sims, ids = _search(shard, np.concatenate(blocks), k, probes)
         bounds = np.cumsum([0] + [len(b) for b in blocks])
         for owner in range(world):  # each shard's answers to `owner`'s queries go to `owner` only
             part = slice(bounds[owner], bounds[owner + 1])

@@ -20,9 +20,11 @@ import numpy as np
 import pytest
 import yaml
 
-from curation.config import spec_from_dict
+from curation.config import IndexConfig, spec_from_dict
 from curation.distributed import gather_arrays, get_rank, get_world_size, owned_range
 from curation.dkmeans import balanced_selection, distributed_hierarchical_kmeans, distributed_kmeans
+from curation.dknn import build_shard_index, sharded_search
+from curation.index import build_index, knn_search
 from curation.launch import main as launch_main
 from curation.metrics import CurationMetrics
 from curation.pipeline import run_pipeline
@@ -35,6 +37,7 @@ CENTROID_TOLERANCE = 1e-4
 """Max abs difference of k-means centroids between rank counts (float64 sums in a different order, faiss float32
 dot products through its BLAS or non-BLAS path: measured ~1e-7)."""
 CONCEPT_SIZES = [240, 120, 60, 30, 15]  # a 16x skew
+IVF = IndexConfig(kind="ivf_flat", nlist=8, nprobe=3)
 
 
 def _make_images(root: Path) -> None:
@@ -102,6 +105,10 @@ def _all_checks(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
     mask = balanced_selection(hierarchy, positions, 60, sampling="random", seed=0)
     chosen = gather_arrays(positions[mask])
     closest = gather_arrays(positions[balanced_selection(hierarchy, positions, 60, sampling="closest", seed=0)])
+    # IVF shards: one quantizer trained on rank 0, each query coarse-quantized once by its owner (batches of 100).
+    shard = build_shard_index(local, config=IVF, field="test", seed=0)
+    _, ivf_ids = sharded_search(shard, local, 5, batch_size=100)
+    ivf_gathered = gather_arrays(ivf_ids)
     spec = spec_from_dict(_spec_dict(Path(tmp) / "images", Path(tmp) / f"out-{world_size}"))
     metrics = CurationMetrics(enabled=True, rank=rank)
     results = run_pipeline(spec, metrics=metrics)
@@ -119,6 +126,7 @@ def _all_checks(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
         out["closest"] = np.concatenate(closest)
         out["concept_counts"] = np.bincount(concept[out["chosen"]], minlength=len(CONCEPT_SIZES))
         out["pipeline"] = _outputs(Path(spec.output))
+        out["ivf_ids"] = np.concatenate(ivf_gathered)
         out["duplicates"] = metrics.value("dino_curation_duplicates_found_total", kind="copy")
     return out
 
@@ -147,6 +155,13 @@ def test_kmeans_centroids_agree_across_rank_counts(runs: dict[int, list[dict[str
                 np.testing.assert_array_equal(sizes, reference["sizes"][level])
             np.testing.assert_allclose(rank_result["inertia"], reference["inertia"], rtol=1e-5)
     assert reference["inertia"][1] < reference["inertia"][0]  # Lloyd iterations lower the inertia
+
+
+def test_sharded_ivf_search_equals_one_global_ivf_index(runs: dict[int, list[dict[str, Any]]]) -> None:
+    x, _ = _concepts()
+    _, expected = knn_search(build_index(x, config=IVF, seed=0), x, 5)  # plain faiss, one process
+    for world_size in (1, 2, 3):
+        np.testing.assert_array_equal(runs[world_size][0]["ivf_ids"], expected, err_msg=f"{world_size} ranks")
 
 
 def test_balanced_samples_have_the_same_concept_statistics(runs: dict[int, list[dict[str, Any]]]) -> None:
