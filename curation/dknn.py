@@ -26,6 +26,7 @@ from curation.dedup import DedupResult
 from curation.distributed import (
     all_gather_arrays,
     all_reduce_max,
+    all_reduce_sum,
     broadcast_object,
     gather_arrays,
     get_rank,
@@ -176,12 +177,17 @@ def distributed_dedup(
     offset, total = global_offset(len(local_pool))
     with_eval = eval_sets is not None and len(eval_sets) > 0
     found = store(None) if store is not None else None
-    if found is None:
+    missing = int(all_reduce_sum(np.array([found is None], np.int64))[0])
+    if missing:
+        # Every shard must answer the queries of the ranks that still search, so every rank builds its index; a
+        # rank whose own search is committed sends no queries (it does not search again).
         shard = build_shard_index(local_pool, config=config.index, field="dedup.index", seed=seed)
         # k + 1: every image finds itself first; the self-match is dropped when building edges.
         graph_threshold = min(config.eval_threshold, config.threshold)
-        sims, ids = sharded_search(shard, local_pool, config.k + 1, batch_size=config.index.batch_size,
+        queries = local_pool if found is None else local_pool[:0]
+        sims, ids = sharded_search(shard, queries, config.k + 1, batch_size=config.index.batch_size,
                                    advance=advance, min_similarity=graph_threshold if with_eval else config.threshold)
+    if found is None:
         positions = np.arange(offset, offset + len(local_pool), dtype=np.int64)
         found = {"edges": knn_edges(sims, ids, config.threshold, query_ids=positions)}
         found["eval_edges"] = knn_edges(sims, ids, graph_threshold, query_ids=positions) if with_eval else \

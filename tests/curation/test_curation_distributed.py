@@ -253,6 +253,9 @@ def test_sigkilled_rank_resumes_without_redoing_finished_shards(images: Path, tm
     assert _torchrun(spec, 2, env=kill, steps="dedup").returncode != 0
     searched = sorted((output / ".work").glob("dedup-*/rank-1-of-2.npz"))
     assert len(searched) == 1
+    # As if rank 0 had died before committing its search: it searches again, rank 1 only answers its queries.
+    for other in (output / ".work").glob("dedup-*/rank-0-of-2.npz"):
+        other.unlink()
     resumed = _torchrun(spec, 2, env=kill, steps="dedup")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
