@@ -7,7 +7,7 @@ selected rows and commits ``selected.npy`` plus the provenance arrays into a tem
 into place with its done marker inside: the swap is the commit.
 
 Resumption inside a step: the expensive part of dedup (each rank's k-NN search) and of balance (each level's
-k-means) is committed under ``<output>/.work/<step>-<hash>/`` as it finishes, so a restarted group skips it.
+k-means, retrieve's k-means of the pool) is committed under ``<output>/.work/<step>-<hash>/`` as it finishes, so a restarted group skips it.
 """
 
 from __future__ import annotations
@@ -171,6 +171,25 @@ def _cluster_retrieval(
     return np.concatenate(rows), np.full(sum(len(r) for r in rows), -1, np.int64), np.concatenate(clusters)
 
 
+def _pool_kmeans(context: Context, local: np.ndarray, config_hash: str) -> np.ndarray:
+    """The k-means of the kept pool shared by every cluster-based query set, committed under ``.work`` so a
+    restarted group does not fit it again (every rank takes rank 0's reading of the file: the fit is collective)."""
+    config = context.spec.retrieve
+    path = work_directory(context, "retrieve", config_hash) / "centroids.npy"
+    centroids = broadcast_object(np.load(path) if context.rank == 0 and path.is_file() else None)
+    if centroids is None:
+        context.reporter.task(f"retrieve: k-means of the pool ({config.cluster.num_clusters})", None)
+        centroids = distributed_kmeans(
+            local, config.cluster.num_clusters, iterations=config.cluster.iterations, seed=context.spec.seed,
+            gpu=config.index.gpu, field="retrieve.cluster.num_clusters",
+            on_iteration=lambda it, inertia: context.metrics.kmeans_iteration("retrieve", it, inertia),
+        )
+        if context.rank == 0:
+            atomic_save_npy(path, centroids)
+        context.checkpoint("retrieve:kmeans")
+    return centroids
+
+
 def run_retrieve(context: Context, config_hash: str) -> tuple[str, dict[str, Any]]:
     """Union of the images retrieved by every query set (a pass-through when there is none)."""
     kept = load_array(context, "dedup", "selected")
@@ -192,12 +211,7 @@ def run_retrieve(context: Context, config_hash: str) -> tuple[str, dict[str, Any
             found = _sample_retrieval(context, source, shard, dim)
         else:
             if clusters is None:
-                context.reporter.task(f"retrieve: k-means of the pool ({config.cluster.num_clusters})", None)
-                centroids = distributed_kmeans(
-                    local.embeddings, config.cluster.num_clusters, iterations=config.cluster.iterations,
-                    seed=spec.seed, gpu=config.index.gpu, field="retrieve.cluster.num_clusters",
-                    on_iteration=lambda it, inertia: context.metrics.kmeans_iteration("retrieve", it, inertia),
-                )
+                centroids = _pool_kmeans(context, local.embeddings, config_hash)
                 clusters = (centroids, assign(local.embeddings, centroids, gpu=config.index.gpu)[0])
             found = _cluster_retrieval(context, source, set_index, positions, clusters[1], clusters[0])
         if found is not None:

@@ -259,9 +259,15 @@ def test_sigkilled_rank_resumes_without_redoing_finished_shards(images: Path, tm
     resumed = _torchrun(spec, 2, env=kill, steps="dedup")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
+    # Retrieve: rank 0 dies after committing the k-means of the pool; the restart does not fit it again.
+    kill = {"DINO_CURATION_KILL_AT": "retrieve:kmeans@0"}
+    assert _torchrun(spec, 2, env=kill, steps="retrieve").returncode != 0
+    assert len(list((output / ".work").glob("retrieve-*/centroids.npy"))) == 1
+    assert _torchrun(spec, 2, env=kill, steps="retrieve").returncode == 0
+
     # Balance: rank 0 dies after committing level 1 of the hierarchy; the restart refits nothing of level 1.
     kill = {"DINO_CURATION_KILL_AT": "balance:level-1@0"}
-    assert _torchrun(spec, 2, env=kill, steps="retrieve,balance").returncode != 0
+    assert _torchrun(spec, 2, env=kill, steps="balance").returncode != 0
     assert len(list((output / ".work").glob("balance-*/level-1.npy"))) == 1
     report = tmp_path / "report.json"
     resumed = _torchrun(spec, 2, env=kill, steps="balance,write", report=report)
