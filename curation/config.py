@@ -97,7 +97,8 @@ class EmbedConfig(_Model):
     dtype: Literal["float16", "float32"] = "float16"
     """Storage dtype of the embedding shards (computation is float32 or bf16 autocast on CUDA)."""
     num_shards: int = Field(default=1, ge=1)
-    """Index-range shards per source; one worker (or Kubernetes indexed-Job pod) computes each."""
+    """Index-range shards per source; the ranks of ``curation.launch`` (or ``--shard-index`` workers) share them out,
+    and each shard commits on its own, so a restart computes only the missing ones."""
 
 
 class DedupConfig(_Model):
@@ -156,7 +157,7 @@ class WriteConfig(_Model):
 
     enabled: bool = True
     num_shards: int = Field(default=1, ge=1)
-    """Writer partitions (one worker or indexed-Job pod each), merged into one dataset index."""
+    """Writer partitions (shared out over the ranks), merged into one dataset index at the end."""
     size_limit: int = Field(default=1 << 26, ge=1024)
     compression: str | None = None
     """MDS compression (e.g. ``zstd``); the paper-scale default is none: JPEG bytes barely compress."""
@@ -167,7 +168,8 @@ class WriteConfig(_Model):
 
 
 class JobsConfig(_Model):
-    """How :func:`curation.kube.render_curation_jobs` renders the steps as Kubernetes Jobs."""
+    """How :func:`curation.kube.render_curation_jobs` renders the run as one elastic PyTorchJob (``dino-ctl curate
+    --render``); a curation stage inside a DinoExperiment takes these settings from the experiment instead."""
 
     namespace: str = Field(default="default", pattern=_NAME_PATTERN)
     pvc: str | None = None
@@ -177,8 +179,9 @@ class JobsConfig(_Model):
     cpu: str = "8"
     memory: str = "64Gi"
     parallelism: int | None = Field(default=None, ge=1)
-    """Pods running at once for the indexed Jobs (default: all shards)."""
+    """Pods (nodes) of the PyTorchJob (default 1); each runs ``max(gpus_per_pod, 1)`` ranks."""
     backoff_limit_per_index: int = Field(default=3, ge=0)
+    """torchrun's ``maxRestarts`` (the name is kept from the indexed-Job renderer, so older specs stay valid)."""
     node_selector: dict[str, str] = {}
     service_account: str | None = None
 

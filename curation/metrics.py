@@ -64,10 +64,10 @@ class CurationMetrics:
         if self.enabled:
             self._get("dino_curation_shards_total", step=step, outcome=outcome).inc()
 
-    def kmeans_iteration(self, stage: str, iteration: int, inertia: float) -> None:
+    def kmeans_iteration(self, fit: str, iteration: int, inertia: float) -> None:
         if self.enabled:
-            self._get("dino_curation_kmeans_iteration", stage=stage).set(iteration)
-            self._get("dino_curation_kmeans_inertia", stage=stage).set(inertia)
+            self._get("dino_curation_kmeans_iteration", fit=fit).set(iteration)
+            self._get("dino_curation_kmeans_inertia", fit=fit).set(inertia)
 
     def duplicates_found(self, kind: str, num: int) -> None:
         """``kind``: ``copy`` (self-dedup) or ``eval`` (near an evaluation image)."""

@@ -2,8 +2,8 @@
 
 A step is skipped when its done marker holds the hash of its current configuration and inputs (the upstream steps'
 hashes, the sources' fingerprints, the seed); otherwise it runs and commits. The sharded steps (embed, write) commit
-each shard on its own, so N workers, N pods of a Kubernetes indexed Job or a rerun after a crash only compute the
-shards that are missing; whoever completes the last shard commits the step.
+each shard on its own, so the ranks of ``curation.launch``, ``--shard-index`` workers or a rerun after a crash only
+compute the shards that are missing; whoever completes the last shard commits the step.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ class StepResult:
 
 
 def resolve_shard(shard_index: int | None, *, env: dict[str, str] | None = None) -> int | None:
-    """``shard_index``, else ``JOB_COMPLETION_INDEX`` (set by Kubernetes in indexed Jobs), else None."""
+    """``shard_index``, else ``JOB_COMPLETION_INDEX`` (set by Kubernetes in indexed Jobs, for a hand-written Job that
+    runs one shard per pod), else None."""
     if shard_index is not None:
         return shard_index
     value = (env if env is not None else os.environ).get("JOB_COMPLETION_INDEX")

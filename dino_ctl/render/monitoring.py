@@ -333,19 +333,19 @@ _ROWS: tuple[tuple[str, tuple[_Panel, ...]], ...] = (
             "Counted by the dino-ctl controller; preemptions do not use the failure budget."),
     )),
     # Curation stages (curation.launch --metrics-port): the PodMonitor scrapes the port named ``metrics``, served by
-    # each pod's local rank 0. The metrics' own ``stage`` label (the k-means fit) clashes with the target label the
-    # PodMonitor sets from the pod's stage, so Prometheus keeps it as ``exported_stage``.
+    # each pod's local rank 0. The k-means metrics name their fit ``fit`` (not ``stage``, the target label the
+    # PodMonitor sets from the pod's stage).
     ("Curation", (
         _Panel("Images embedded per second", "short", (
             (f"sum by (stage, source) (rate(dino_curation_images_embedded_total{{{_F}}}{_RATE}))",
              "{{stage}} {{source}}"),),
             "Counted by the rank that serves each pod's metrics port (local rank 0): multiply by the ranks per pod."),
         _Panel("k-means inertia", "none", (
-            (f"max by (stage, exported_stage) (dino_curation_kmeans_inertia{{{_F}}})",
-             "{{stage}} {{exported_stage}}"),)),
+            (f"max by (stage, fit) (dino_curation_kmeans_inertia{{{_F}}})",
+             "{{stage}} {{fit}}"),)),
         _Panel("k-means iteration", "short", (
-            (f"max by (stage, exported_stage) (dino_curation_kmeans_iteration{{{_F}}})",
-             "{{stage}} {{exported_stage}}"),)),
+            (f"max by (stage, fit) (dino_curation_kmeans_iteration{{{_F}}})",
+             "{{stage}} {{fit}}"),)),
         _Panel("Duplicates found", "short", (
             (f"max by (stage, kind) (dino_curation_duplicates_found_total{{{_F}}})", "{{stage}} {{kind}}"),)),
         _Panel("Steps completed", "short", (

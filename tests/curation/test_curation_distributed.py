@@ -323,6 +323,6 @@ def test_metrics_are_served_while_a_step_runs(images: Path, tmp_path: Path) -> N
     assert scraped and 'dino_curation_images_embedded_total{source="pool"} 48.0' in scraped[0]
     assert metrics.value("dino_curation_duplicates_found_total", kind="copy") == 8
     assert metrics.value("dino_curation_duplicates_found_total", kind="eval") == 1
-    assert metrics.value("dino_curation_kmeans_iteration", stage="balance/level-1/fit") == 8
-    assert metrics.value("dino_curation_kmeans_inertia", stage="retrieve") > 0
+    assert metrics.value("dino_curation_kmeans_iteration", fit="balance/level-1/fit") == 8
+    assert metrics.value("dino_curation_kmeans_inertia", fit="retrieve") > 0
     assert metrics.value("dino_curation_step_completed", step="write") == 1

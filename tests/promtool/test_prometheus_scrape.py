@@ -18,7 +18,7 @@ from tests.promtool.prom_harness import (  # noqa: F401  (prometheus_server is a
     free_port,
     prometheus_server,
 )
-from trainer.metric_names import TRAINER_METRICS
+from trainer.metric_names import CURATION_METRICS, TRAINER_METRICS
 
 POD_LABELS = {"namespace": "ml", "pod": "demo-pretrain-worker-0", "experiment": "demo", "stage": "pretrain"}
 
@@ -29,11 +29,11 @@ def _label_values(label_names: tuple[str, ...]) -> dict[str, str]:
 
 @pytest.fixture
 def trainer_exporter() -> Iterator[tuple[str, dict[str, object]]]:
-    """Every metric of TRAINER_METRICS on its own registry and HTTP server; yields (address, metric objects)."""
+    """Every metric of TRAINER_METRICS and CURATION_METRICS (the workloads' metrics) on its own registry and HTTP server; yields (address, metric objects)."""
     registry = CollectorRegistry()
     classes = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
     metrics: dict[str, object] = {}
-    for name, (kind, help_text, labels) in TRAINER_METRICS.items():
+    for name, (kind, help_text, labels) in {**TRAINER_METRICS, **CURATION_METRICS}.items():
         metric = classes[kind](name, help_text, labels, registry=registry)
         metrics[name] = metric.labels(**_label_values(labels)) if labels else metric
     port = free_port()
@@ -72,6 +72,8 @@ def test_every_trainer_metric_round_trips_through_prometheus(prometheus_server, 
     exported = {s["metric"]["__name__"] for s in prom.query('{__name__=~"dino_.+",job="test"}')}
     trainer_names = {n for n in known_metric_names() if n.startswith("dino_") and not n.startswith("dino_ctl_")}
     assert trainer_names <= exported, f"not scraped: {sorted(trainer_names - exported)}"
+    # the curation k-means label is not renamed by the pod's target labels (it is ``fit``, not ``stage``)
+    assert prom.query('dino_curation_kmeans_inertia{fit="fit-a",stage="pretrain"}')
 
 
 def test_harness_reports_a_query_error_and_a_missing_series(prometheus_server, trainer_exporter) -> None:
