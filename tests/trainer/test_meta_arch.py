@@ -103,7 +103,8 @@ def test_split_batch_keeps_crop_major_order_and_recomputes_mask_weights():
         crop_of = chunk["mask_indices"] // masks.shape[1]
         torch.testing.assert_close(chunk["mask_weights"], 1.0 / per_crop[crop_of].float())
     uneven = split_batch(batch, 3)  # 8 images: 3 + 3 + 2, contiguous, larger first
-    assert [c["sample_ids"] for c in uneven] == [batch["sample_ids"][:3], batch["sample_ids"][3:6], batch["sample_ids"][6:]]
+    ids = batch["sample_ids"]
+    assert [c["sample_ids"] for c in uneven] == [ids[:3], ids[3:6], ids[6:]]
     assert torch.equal(uneven[2]["global_crops"], torch.cat([batch["global_crops"][6:8], batch["global_crops"][14:16]]))
     with pytest.raises(ValueError, match="cannot be split into 9 non-empty micro-batches"):
         split_batch(batch, 9)

@@ -3,8 +3,9 @@
 :func:`build_train_loader` returns a :class:`TrainLoader`: iterating it yields batches forever (epochs roll over);
 ``state_dict()`` is the global position reached (epoch, samples consumed in it, and what fixes the order) and
 ``load_state_dict()`` makes the next ``iter()`` continue exactly there, at any world size up to the global batch
-(each rank reads its contiguous share of every global batch, :func:`trainer.config.batch_share`). The state counts the samples of the batches handed to the caller, never those prefetched by workers, and it
-is the same on every rank.
+(each rank reads its contiguous share of every global batch, :func:`trainer.config.batch_share`). The state counts
+the samples of the batches handed to the caller, never those prefetched by workers, and it is the same on every
+rank.
 
 Why not ``StreamingDataLoader``: it counts a dict batch by the length of its first value and multiplies by the
 world size; that works with ``sample_ids`` first, but it cannot roll epochs over or resume synthetic data. Here each
