@@ -38,23 +38,12 @@ __all__ = [
     "process_group",
 ]
 
+from trainer.distributed import get_rank, get_world_size, is_distributed  # noqa: E402  (one definition)
+
 logger = logging.getLogger(__name__)
 
 TIMEOUT_ENV = "DINO_CURATION_DIST_TIMEOUT_S"
 """Collective timeout in seconds (default 7200: a rank may wait at a barrier while slower ranks embed)."""
-
-
-def is_distributed() -> bool:
-    """True when a default process group with more than one rank is initialised."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def get_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def owned_range(num_items: int, rank: int | None = None, world_size: int | None = None) -> range:
